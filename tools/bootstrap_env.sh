@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project-local virtual environment in .venv with the pinned stack.
+# Every version the project depends on is pinned here and nowhere else.
+# Idempotent: a second run only checks the stamp file and exits.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DIFFDET_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+TORCH_VERSION=2.14.1
+TORCHVISION_VERSION=0.29.1
+DETECTRON2_WHEEL="sal-detectron2==0.7.2"   # official detectron2 sources (commit a59f056), pure-Python install
+D2_RUNTIME_DEPS=(pillow matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard
+  "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "omegaconf>=2.1,<2.4" "hydra-core>=1.1" packaging
+  opencv-python-headless scipy)
+DEV_DEPS=(pytest pytest-timeout)
+
+STAMP_CONTENT="torch=$TORCH_VERSION tv=$TORCHVISION_VERSION d2=$DETECTRON2_WHEEL deps=${D2_RUNTIME_DEPS[*]} dev=${DEV_DEPS[*]}"
+STAMP="$VENV/.diffdet-env-stamp"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_CONTENT" ]; then
+  # Reinstall the project only if the editable install went missing (e.g. venv copied elsewhere).
+  "$VENV/bin/python" -c "import diffusiondet" 2>/dev/null || "$VENV/bin/pip" install -q --no-deps -e "$ROOT"
+  exit 0
+fi
+
+# This machine's pip configuration lists extra local indexes; their "is ignored" notes are noise.
+pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
+echo "[bootstrap] creating $VENV with $($PYTHON --version)"
+"$PYTHON" -m venv "$VENV"
+PIP=(pip_quiet "$VENV/bin/python" -m pip)
+"${PIP[@]}" install -q --upgrade "pip<26.2" "setuptools<81" wheel
+echo "[bootstrap] installing torch $TORCH_VERSION / torchvision $TORCHVISION_VERSION"
+"${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+echo "[bootstrap] installing detectron2 runtime dependencies"
+"${PIP[@]}" install -q "${D2_RUNTIME_DEPS[@]}" "${DEV_DEPS[@]}"
+PURELIB="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
+  echo "[bootstrap] installing detectron2 as pure Python into $PURELIB"
+  # The wheel is tagged for Python 3.10; its compiled _C is never loaded on 3.11 and nothing here needs it.
+  "${PIP[@]}" install -q --no-deps --only-binary=:all: --python-version 3.10 --target "$PURELIB" \
+    --upgrade "$DETECTRON2_WHEEL"
+fi
+echo "[bootstrap] installing the project (editable)"
+"${PIP[@]}" install -q --no-deps -e "$ROOT"
+"$VENV/bin/python" -c "import torch, torchvision, detectron2, diffusiondet; print('[bootstrap] ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
+echo "$STAMP_CONTENT" > "$STAMP"
