@@ -1,0 +1,91 @@
+"""DDIM time pairs, ε̂ from x̂_0, and the DDIM update."""
+import math
+
+import pytest
+import torch
+
+from diffusiondet.diffusion import (
+    cosine_beta_schedule,
+    ddim_coefficients,
+    ddim_step,
+    ddim_time_pairs,
+    diffusion_buffers,
+    predict_noise_from_start,
+    q_sample,
+)
+
+
+@pytest.fixture(scope="module")
+def alphas_cumprod():
+    return diffusion_buffers(cosine_beta_schedule(1000))["alphas_cumprod"]
+
+
+def test_time_pairs_of_spec():
+    assert ddim_time_pairs(1000, 1) == [(999, -1)]
+    assert ddim_time_pairs(1000, 2) == [(999, 499), (499, -1)]
+    assert ddim_time_pairs(1000, 4) == [(999, 749), (749, 499), (499, 249), (249, -1)]
+    eight = [999, 874, 749, 624, 499, 374, 249, 124, -1]
+    assert ddim_time_pairs(1000, 8) == list(zip(eight[:-1], eight[1:]))
+
+
+def test_time_pairs_truncate_towards_zero():
+    # linspace(-1, 999, 4) = -1, 332.33, 665.67, 999 -> truncated, not rounded.
+    assert ddim_time_pairs(1000, 3) == [(999, 665), (665, 332), (332, -1)]
+    pairs = ddim_time_pairs(10, 10)
+    assert pairs[0] == (9, 8) and pairs[-1] == (0, -1)
+
+
+@pytest.mark.parametrize("steps", [0, -2, 1001])
+def test_time_pairs_reject_bad_steps(steps):
+    with pytest.raises(ValueError):
+        ddim_time_pairs(1000, steps)
+
+
+def test_noise_prediction_inverts_q_sample(alphas_cumprod):
+    x0 = torch.rand(2, 5, 4) * 4 - 2
+    noise = torch.randn(2, 5, 4)
+    t = torch.tensor([100, 900])
+    x_t = q_sample(x0, t, alphas_cumprod, noise)
+    eps = predict_noise_from_start(x_t, t, x0, alphas_cumprod)
+    assert eps.dtype == torch.float32
+    torch.testing.assert_close(eps, noise, rtol=0, atol=1e-4)
+
+
+def test_coefficients_match_spec_numbers(alphas_cumprod):
+    expected = {(999, 749): (0.380, 1e-4, 0.925), (749, 499): (0.703, 0.296, 0.647),
+                (499, 249): (0.920, 0.164, 0.355)}
+    for (t, t_next), (sqrt_next, coef, sigma) in expected.items():
+        got = ddim_coefficients(alphas_cumprod[t].item(), alphas_cumprod[t_next].item(), 1.0)
+        assert got[0] == pytest.approx(sqrt_next, abs=1e-3)
+        assert got[1] == pytest.approx(coef, abs=1.5e-3 if coef > 1e-3 else 2e-5)
+        assert got[2] == pytest.approx(sigma, abs=1e-3)
+
+
+def test_step_matches_hand_formula(alphas_cumprod):
+    x0, eps, z = torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    a_t, a_n = alphas_cumprod[749].item(), alphas_cumprod[499].item()
+    for eta in (0.0, 0.5, 1.0):
+        sigma = eta * math.sqrt((1 - a_t / a_n) * (1 - a_n) / (1 - a_t))
+        expected = math.sqrt(a_n) * x0 + math.sqrt(1 - a_n - sigma**2) * eps + sigma * z
+        torch.testing.assert_close(ddim_step(x0, eps, a_t, a_n, eta, z), expected)
+        # Tensor ᾱ give the same result as floats.
+        tensor_result = ddim_step(x0, eps, alphas_cumprod[749], alphas_cumprod[499], eta, z)
+        assert tensor_result.dtype == torch.float32
+        torch.testing.assert_close(tensor_result, expected)
+
+
+def test_eta_zero_is_deterministic(alphas_cumprod):
+    x0, eps = torch.randn(1, 4, 4), torch.randn(1, 4, 4)
+    a_t, a_n = alphas_cumprod[999].item(), alphas_cumprod[499].item()
+    first = ddim_step(x0, eps, a_t, a_n, 0.0, torch.randn(1, 4, 4))
+    second = ddim_step(x0, eps, a_t, a_n, 0.0, torch.randn(1, 4, 4))
+    torch.testing.assert_close(first, second)
+
+
+def test_consistent_x0_and_eps_reproduce_q_sample(alphas_cumprod):
+    # With η = 0 and the true (x_0, ε), DDIM lands exactly on q_sample at t_next with the same ε.
+    x0, noise = torch.rand(3, 8, 4) * 4 - 2, torch.randn(3, 8, 4)
+    a_n = alphas_cumprod[249].item()
+    stepped = ddim_step(x0, noise, alphas_cumprod[749].item(), a_n, 0.0, torch.zeros_like(x0))
+    expected = q_sample(x0, torch.full((3,), 249), alphas_cumprod, noise)
+    torch.testing.assert_close(stepped, expected, rtol=0, atol=1e-5)
