@@ -1,0 +1,176 @@
+"""DynamicHead: S refinement stages that turn noisy boxes into class logits and refined boxes.
+
+Shape legend: B images, N proposals per image, S stages returned (num_stages with deep
+supervision, else 1), K class logits (num_classes with sigmoid/focal, num_classes + 1 otherwise),
+D = hidden_dim, L feature levels (p2..p5 by default).
+Boxes are abs xyxy (absolute pixel x1y1x2y2 in the un-padded input image frame).
+"""
+import copy
+import math
+from typing import Dict, List, Sequence
+
+import torch
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes
+from torch import nn
+
+from .refinement_stage import ACTIVATIONS, RefinementStage
+from .time_embedding import build_time_mlp
+
+__all__ = ["DynamicHead"]
+
+
+class DynamicHead(nn.Module):
+    """Sparse R-CNN-style iterative head conditioned on the diffusion timestep (spec §3.3).
+
+    State-dict keys are the official ones: ``head_series.{i}.*`` and ``time_mlp.{1,3}.*``; the
+    pooler and box decoder are stateless.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int,
+        pooler_resolution: int = 7,
+        pooler_scales: Sequence[float],
+        sampling_ratio: int = 2,
+        pooler_type: str = "ROIAlignV2",
+        hidden_dim: int = 256,
+        dim_feedforward: int = 2048,
+        nhead: int = 8,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        num_stages: int = 6,
+        num_cls: int = 1,
+        num_reg: int = 3,
+        dim_dynamic: int = 64,
+        num_dynamic: int = 2,
+        use_focal: bool = True,
+        prior_prob: float = 0.01,
+        deep_supervision: bool = True,
+        bbox_weights: Sequence[float] = (2.0, 2.0, 1.0, 1.0),
+        scale_clamp: float = math.log(100000.0 / 16),
+        dynamic_chunk_size: int = 0,
+    ):
+        """
+        Args:
+            num_classes: number of foreground classes.
+            in_channels: channels of every pooled feature level; must equal ``hidden_dim``.
+            pooler_resolution / pooler_scales / sampling_ratio / pooler_type: detectron2
+                :class:`ROIPooler` settings; scales are 1/stride of each level, finest first.
+            hidden_dim: D, width of object features; the time MLP is 4·D wide.
+            dim_feedforward / nhead / dropout / activation: per-stage transformer settings.
+            num_stages: number of refinement stages.
+            num_cls / num_reg: depths of the classification / regression towers.
+            dim_dynamic / num_dynamic: DynamicConv sizes (num_dynamic must be 2).
+            use_focal: sigmoid (focal or federated) classification with K = num_classes logits;
+                False gives K = num_classes + 1 (softmax with background).
+            prior_prob: initial foreground probability encoded in ``class_logits.bias``
+                (sigmoid case only).
+            deep_supervision: return every stage's outputs (S = num_stages) instead of the
+                last one only (S = 1).
+            bbox_weights: (wx, wy, ww, wh) of detectron2's ``Box2BoxTransform``.
+            scale_clamp: max dw/dh before exp (default ln(100000/16)).
+            dynamic_chunk_size: proposals per DynamicConv chunk; 0 = automatic.
+        """
+        super().__init__()
+        if in_channels != hidden_dim:
+            raise ValueError(
+                f"in_channels ({in_channels}) must equal hidden_dim ({hidden_dim}): RoI features "
+                "are used directly as object features"
+            )
+        if num_dynamic != 2:
+            raise ValueError(f"num_dynamic must be 2 (the only official layout), got {num_dynamic}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+        self.num_classes = num_classes
+        self.num_logits = num_classes if use_focal else num_classes + 1
+        self.hidden_dim = hidden_dim
+        self.deep_supervision = deep_supervision
+        self.box_pooler = ROIPooler(
+            output_size=pooler_resolution,
+            scales=tuple(pooler_scales),
+            sampling_ratio=sampling_ratio,
+            pooler_type=pooler_type,
+        )
+        self.time_mlp = build_time_mlp(hidden_dim)
+        stage = RefinementStage(
+            num_logits=self.num_logits,
+            hidden_dim=hidden_dim,
+            pooler_resolution=pooler_resolution,
+            dim_feedforward=dim_feedforward,
+            nhead=nhead,
+            dropout=dropout,
+            activation=activation,
+            num_cls=num_cls,
+            num_reg=num_reg,
+            dim_dynamic=dim_dynamic,
+            num_dynamic=num_dynamic,
+            bbox_weights=bbox_weights,
+            scale_clamp=scale_clamp,
+            dynamic_chunk_size=dynamic_chunk_size,
+        )
+        _xavier_init(self.time_mlp)
+        _xavier_init(stage)
+        if use_focal:
+            # Only the classifier bias: the official rule "any tensor whose last dim is K" also
+            # hits bboxes_delta.bias (K=4) or inst_interact.norm1 (K=64), see spec §3.6.
+            nn.init.constant_(stage.class_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        # Copies of one initialised stage: every stage starts identical (spec §3.3).
+        self.head_series = nn.ModuleList(copy.deepcopy(stage) for _ in range(num_stages))
+
+    def pool(self, features: List[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """RoI-pool ``boxes`` (B, N, 4) abs xyxy from ``features`` (L × (B, D, H_l, W_l)).
+
+        Returns:
+            (B·N, D, R, R) in image-major order.
+        """
+        return self.box_pooler(features, [Boxes(image_boxes) for image_boxes in boxes])
+
+    def forward(
+        self, features: List[torch.Tensor], init_boxes: torch.Tensor, t: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            features: L feature maps (p2..p5), each (B, D, H_l, W_l).
+            init_boxes: (B, N, 4) abs xyxy noisy boxes, any float dtype (cast to the features'
+                dtype, but never below float32: coordinates reach ~1e3 and beyond).
+            t: (B,) diffusion timesteps (integers in [0, T)).
+
+        Returns:
+            dict with
+              "pred_logits": (S, B, N, K) class logits, stage-major;
+              "pred_boxes": (S, B, N, 4) abs xyxy refined boxes;
+              "obj_features": (S, B, N, D) per-stage object features before time modulation
+                (hook for heads that derive extra outputs, e.g. DiffusionInst's mask filters).
+        """
+        boxes = init_boxes.to(torch.promote_types(features[0].dtype, torch.float32))
+        time_emb = self.time_mlp(t)  # (B, 4D), shared by all stages
+        pro_features = None
+        stage_logits, stage_boxes, stage_features = [], [], []
+        for stage in self.head_series:
+            roi_features = self.pool(features, boxes)  # (B·N, D, R, R)
+            logits, pred_boxes, pro_features = stage(roi_features, boxes, pro_features, time_emb)
+            if self.deep_supervision:
+                stage_logits.append(logits)
+                stage_boxes.append(pred_boxes)
+                stage_features.append(pro_features)
+            # Each stage learns to refine a fixed input; gradients do not chain through boxes.
+            boxes = pred_boxes.detach()
+        if not self.deep_supervision:
+            stage_logits, stage_boxes, stage_features = [logits], [pred_boxes], [pro_features]
+        return {
+            "pred_logits": torch.stack(stage_logits),
+            "pred_boxes": torch.stack(stage_boxes),
+            "obj_features": torch.stack(stage_features),
+        }
+
+
+def _xavier_init(module: nn.Module) -> None:
+    # Matrices (and any ≥2-D tensor) only; biases keep PyTorch defaults, LayerNorms stay 1/0.
+    for param in module.parameters():
+        if param.dim() > 1:
+            nn.init.xavier_uniform_(param)
