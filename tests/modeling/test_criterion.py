@@ -1,0 +1,223 @@
+"""Set criterion tests: official parity, key sets, empty / degenerate inputs, federated loss."""
+import pytest
+import torch
+
+from diffusiondet.modeling.criterion import SetCriterion
+from diffusiondet.modeling.matcher import DynamicKMatcher
+
+from .test_matcher import fixture_targets, random_boxes, random_target
+
+LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
+
+
+def make_criterion(num_classes=5, **kwargs):
+    return SetCriterion(num_classes=num_classes, matcher=DynamicKMatcher(), **kwargs)
+
+
+def fixture_outputs(parity):
+    return {"pred_logits": parity["train_head_logits"], "pred_boxes": parity["train_head_boxes"]}
+
+
+def random_outputs(num_stages, sizes, num_queries, num_classes, generator):
+    """Stage-major head outputs (S, B, N, K) / (S, B, N, 4) that require grad."""
+    logits = torch.randn(num_stages, len(sizes), num_queries, num_classes, generator=generator)
+    boxes = torch.stack(
+        [
+            torch.stack([random_boxes(num_queries, w, h, generator) for (w, h) in sizes])
+            for _ in range(num_stages)
+        ]
+    )
+    return {"pred_logits": logits.requires_grad_(), "pred_boxes": boxes.requires_grad_()}
+
+
+def empty_target(width, height):
+    return {
+        "labels": torch.zeros(0, dtype=torch.long),
+        "boxes_xyxy": torch.zeros(0, 4),
+        "image_size_xyxy": torch.tensor([width, height, width, height], dtype=torch.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def parity_losses(parity):
+    return make_criterion()(fixture_outputs(parity), fixture_targets(parity))
+
+
+def test_parity_key_set(parity, parity_losses):
+    assert set(parity_losses) == set(parity["train_losses_weighted"])
+    assert len(parity_losses) == 18
+
+
+ALL_KEYS = [name + suffix for suffix in ["", "_0", "_1", "_2", "_3", "_4"] for name in LOSS_NAMES]
+
+
+@pytest.mark.parametrize("key", ALL_KEYS)
+def test_parity_weighted_loss_terms(parity, parity_losses, key):
+    want = parity["train_losses_weighted"][key]
+    assert torch.allclose(parity_losses[key], want, rtol=1e-4, atol=0)
+
+
+def test_match_all_stages_equals_fixture(parity):
+    matches = make_criterion().match_all_stages(fixture_outputs(parity), fixture_targets(parity))
+    assert len(matches) == 6
+    for stage_matches, want_stage in zip(matches, parity["train_matches"]):
+        for (fg_mask, matched_gt), (want_fg, want_gt) in zip(stage_matches, want_stage):
+            assert torch.equal(fg_mask, want_fg) and torch.equal(matched_gt, want_gt)
+
+
+def test_without_deep_supervision_only_final_stage(parity, parity_losses):
+    criterion = make_criterion(deep_supervision=False)
+    losses = criterion(fixture_outputs(parity), fixture_targets(parity))
+    assert set(losses) == set(LOSS_NAMES)
+    for key in LOSS_NAMES:
+        assert torch.equal(losses[key], parity_losses[key])
+
+
+def test_hand_computed_single_pair():
+    # one query (0,0,10,10) and one GT (0,0,20,20) in a 100x100 image: the query must match
+    outputs = {
+        "pred_logits": torch.tensor([[[[0.0, 0.0]]]]),  # (S=1, B=1, N=1, K=2)
+        "pred_boxes": torch.tensor([[[[0.0, 0.0, 10.0, 10.0]]]]),
+    }
+    target = {
+        "labels": torch.tensor([1]),
+        "boxes_xyxy": torch.tensor([[0.0, 0.0, 20.0, 20.0]]),
+        "image_size_xyxy": torch.tensor([100.0, 100.0, 100.0, 100.0]),
+    }
+    losses = make_criterion(num_classes=2)(outputs, [target])
+    assert losses["loss_bbox"].item() == pytest.approx(5 * (0.1 + 0.1), rel=1e-5)
+    assert losses["loss_giou"].item() == pytest.approx(2 * (1 - 100 / 400), rel=1e-5)
+    # focal at p = 0.5: positive alpha*0.25*ln2, negative (1-alpha)*0.25*ln2
+    focal = 0.25 * 0.25 * 0.6931472 + 0.75 * 0.25 * 0.6931472
+    assert losses["loss_ce"].item() == pytest.approx(2 * focal, rel=1e-5)
+
+
+def test_all_images_empty_gives_finite_connected_losses():
+    generator = torch.Generator().manual_seed(10)
+    sizes = [(64, 48), (80, 60)]
+    outputs = random_outputs(6, sizes, 12, 4, generator)
+    losses = make_criterion(num_classes=4)(outputs, [empty_target(w, h) for w, h in sizes])
+    assert len(losses) == 18
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_bbox"] == 0 and losses["loss_giou_3"] == 0
+    assert losses["loss_ce"] > 0  # every query is a negative
+    sum(losses.values()).backward()
+    assert outputs["pred_boxes"].grad is not None and (outputs["pred_boxes"].grad == 0).all()
+    assert torch.isfinite(outputs["pred_logits"].grad).all()
+
+
+def test_mixed_empty_and_non_empty_images():
+    generator = torch.Generator().manual_seed(11)
+    sizes = [(64, 48), (80, 60)]
+    outputs = random_outputs(6, sizes, 12, 4, generator)
+    targets = [empty_target(*sizes[0]), random_target(3, 4, *sizes[1], generator)]
+    losses = make_criterion(num_classes=4)(outputs, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_bbox"] > 0 and losses["loss_giou"] > 0
+    sum(losses.values()).backward()
+    box_grad = outputs["pred_boxes"].grad
+    assert (box_grad[:, 0] == 0).all()  # the empty image has no positives
+    assert (box_grad[-1, 1] != 0).any()
+
+
+def test_degenerate_predicted_boxes_stay_finite(parity):
+    outputs = {k: v.clone() for k, v in fixture_outputs(parity).items()}
+    targets = fixture_targets(parity)
+    (fg_mask, _), _ = make_criterion().match_all_stages(outputs, targets)[0]
+    positives = fg_mask.nonzero().squeeze(1)
+    final_boxes = outputs["pred_boxes"][-1, 0]
+    final_boxes[positives[0]] = final_boxes[positives[0], [2, 3, 0, 1]]  # inverted both ways
+    final_boxes[positives[1], 2:] = final_boxes[positives[1], :2]  # zero area
+    outputs["pred_boxes"].requires_grad_()
+    losses = make_criterion()(outputs, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss_giou"].backward()
+    grad = outputs["pred_boxes"].grad[-1, 0]
+    assert torch.isfinite(grad).all()
+    assert (grad[positives[0]] != 0).any() and (grad[positives[1]] != 0).any()
+
+
+def test_inverted_box_gets_the_giou_of_its_ordered_box():
+    from diffusiondet.modeling.box_losses import giou_loss_sum
+
+    gt = torch.tensor([[10.0, 10.0, 50.0, 40.0]])
+    pred = torch.tensor([[20.0, 15.0, 60.0, 45.0]])
+    assert torch.allclose(giou_loss_sum(pred[:, [2, 3, 0, 1]], gt), giou_loss_sum(pred, gt))
+    # intersection 30 x 25 = 750, union 1200 + 1200 - 750 = 1650, enclosing box 50 x 35 = 1750
+    want = 1 - (750 / 1650 - (1750 - 1650) / 1750)
+    assert giou_loss_sum(pred, gt).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_state_dict_layout():
+    assert len(make_criterion().state_dict()) == 0  # COCO checkpoints have no criterion keys
+    weights = torch.arange(1.0, 8.0)
+    fed = make_criterion(num_classes=7, use_fed_loss=True, fed_loss_cls_weights=weights)
+    assert list(fed.state_dict()) == ["fed_loss_cls_weights"]
+    assert torch.equal(fed.state_dict()["fed_loss_cls_weights"], weights)
+    softmax = make_criterion(num_classes=7, use_focal=False)
+    assert list(softmax.state_dict()) == ["empty_weight"]
+    assert softmax.empty_weight.tolist() == pytest.approx([1.0] * 7 + [0.1])
+    with pytest.raises(ValueError):
+        make_criterion(num_classes=7, use_fed_loss=True, fed_loss_cls_weights=torch.ones(6))
+
+
+def test_softmax_training_not_implemented(parity):
+    outputs = {
+        "pred_logits": torch.randn(6, 2, 50, 6),  # K + 1 logits
+        "pred_boxes": parity["train_head_boxes"],
+    }
+    with pytest.raises(NotImplementedError):
+        make_criterion(use_focal=False)(outputs, fixture_targets(parity))
+
+
+def test_fed_loss_uses_at_most_fed_loss_num_classes():
+    num_classes, fed_classes = 20, 6
+    generator = torch.Generator().manual_seed(12)
+    sizes = [(96, 128), (80, 112)]
+    targets = [random_target(4, num_classes, w, h, generator) for w, h in sizes]
+    weights = torch.rand(num_classes, generator=generator) + 0.1
+    weights[15:] = 0.0  # never sampled as negatives
+    criterion = make_criterion(
+        num_classes,
+        use_fed_loss=True,
+        fed_loss_cls_weights=weights,
+        fed_loss_num_classes=fed_classes,
+    )
+    outputs = random_outputs(1, sizes, 30, num_classes, generator)
+    losses = criterion(outputs, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss_ce"].backward()
+    class_has_grad = (outputs["pred_logits"].grad != 0).flatten(0, 2).any(0)  # (K,)
+    active = set(class_has_grad.nonzero().flatten().tolist())
+    (matches,) = criterion.match_all_stages(outputs, targets)
+    matched_classes = {
+        int(label) for t, (_, gt_idx) in zip(targets, matches) for label in t["labels"][gt_idx]
+    }
+    assert matched_classes <= active
+    assert len(active) <= fed_classes
+    assert all(c < 15 for c in active - matched_classes)
+
+    full = make_criterion(num_classes)(outputs, targets)["loss_ce"]
+    assert 0 < losses["loss_ce"] < full  # a masked subset of the same non-negative terms
+
+
+def test_extra_loss_receives_the_same_matches(parity):
+    seen = []
+
+    class WithCount(SetCriterion):
+        def get_loss_functions(self):
+            return {**super().get_loss_functions(), "count": self.loss_count}
+
+        def loss_count(self, outputs, targets, matches, num_pos):
+            seen.append(matches)
+            return {"loss_count": outputs["pred_boxes"].new_tensor(num_pos)}
+
+    criterion = WithCount(num_classes=5, matcher=DynamicKMatcher())
+    criterion.weight_dict["loss_count"] = 0.5
+    losses = criterion(fixture_outputs(parity), fixture_targets(parity))
+    assert len(losses) == 24 and "loss_count" in losses and "loss_count_4" in losses
+    positives = [sum(int(fg.sum()) for fg, _ in stage) for stage in parity["train_matches"]]
+    assert losses["loss_count"].item() == 0.5 * positives[0]
+    assert losses["loss_count_2"].item() == 0.5 * positives[3]
+    for got, want in zip(seen, parity["train_matches"]):
+        assert all(torch.equal(g[1], w[1]) for g, w in zip(got, want))
