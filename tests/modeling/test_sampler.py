@@ -1,0 +1,175 @@
+"""DDIMBoxSampler with a toy deterministic denoiser (no network)."""
+import math
+
+import pytest
+import torch
+
+from diffusiondet.diffusion import (
+    ReplayRandom,
+    TorchRandom,
+    boxes_to_signal,
+    cosine_beta_schedule,
+    diffusion_buffers,
+    signal_to_boxes,
+)
+from diffusiondet.modeling.sampler import DDIMBoxSampler
+
+N, K = 12, 3
+WHWH = torch.tensor([[128.0, 96.0, 128.0, 96.0], [112.0, 80.0, 112.0, 80.0]])
+
+
+@pytest.fixture(scope="module")
+def alphas_cumprod():
+    return diffusion_buffers(cosine_beta_schedule(1000))["alphas_cumprod"]
+
+
+class ToyDenoiser:
+    """Per-image deterministic: boxes pulled towards an anchor, scores from the box centres.
+
+    Extras: "filters" (B, N, 5) = [pred box, t] so alignment and the calling step are visible;
+    "stacked" has no (B, N) leading dims and must be ignored.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, boxes, t):
+        self.calls.append((boxes.clone(), t.clone()))
+        anchor = torch.tensor([20.0, 10.0, 60.0, 50.0])
+        pred = 0.5 * boxes + 0.5 * anchor
+        centre = (pred[..., :2] + pred[..., 2:]) / 2  # (B, N, 2)
+        phase = torch.arange(K, dtype=torch.float32)
+        logits = 3.0 * torch.sin(centre[..., :1] * 0.37 + centre[..., 1:] * 0.11 + phase)
+        filters = torch.cat([pred, t[:, None, None].float().expand(*pred.shape[:2], 1)], -1)
+        return {"pred_logits": logits, "pred_boxes": pred, "filters": filters,
+                "stacked": torch.zeros(6, 1, 1)}
+
+
+def _per_image_sources(seeds):
+    return [TorchRandom(generator=torch.Generator().manual_seed(s)) for s in seeds]
+
+
+class RecordingRandom(TorchRandom):
+    def __init__(self, seed):
+        super().__init__(generator=torch.Generator().manual_seed(seed))
+        self.draws = []
+
+    def randn(self, shape):
+        value = super().randn(shape)
+        self.draws.append(("randn", value))
+        return value
+
+
+@pytest.mark.parametrize(
+    "steps, ensemble, expected_ts",
+    [
+        (1, "official", [999]),
+        (2, "official", [999]),
+        (4, "official", [999, 749, 499]),
+        (1, "all_steps", [999]),
+        (4, "all_steps", [999, 749, 499, 249]),
+    ],
+)
+def test_candidate_counts_follow_ensemble_rule(alphas_cumprod, steps, ensemble, expected_ts):
+    sampler = DDIMBoxSampler(steps=steps, ensemble=ensemble, use_nms=False)
+    denoiser = ToyDenoiser()
+    out = sampler(denoiser, alphas_cumprod, WHWH, N, per_image_rng=_per_image_sources([1, 2]))
+    assert len(denoiser.calls) == steps
+    for det in out:
+        assert det["boxes"].shape == (len(expected_ts) * N, 4)
+        calls = det["filters"][:, 4].long()
+        assert [int((calls == t).sum()) for t in expected_ts] == [N] * len(expected_ts)
+
+
+def test_batch_equals_each_image_alone(alphas_cumprod):
+    sampler = DDIMBoxSampler(steps=4, detections_per_image=8)
+    sources = _per_image_sources([5, 6])
+    batched = sampler(ToyDenoiser(), alphas_cumprod, WHWH, N, per_image_rng=sources)
+    for b, seed in enumerate([5, 6]):
+        source = _per_image_sources([seed])
+        alone = sampler(ToyDenoiser(), alphas_cumprod, WHWH[b : b + 1], N, per_image_rng=source)[0]
+        assert batched[b].keys() == alone.keys() == {"boxes", "scores", "classes", "filters"}
+        for key in alone:
+            torch.testing.assert_close(batched[b][key], alone[key])
+        assert alone["scores"].shape[0] <= 8
+
+
+def test_draw_consumption_and_replay(alphas_cumprod):
+    steps = 4
+    sampler = DDIMBoxSampler(steps=steps)
+    sources = [RecordingRandom(11), RecordingRandom(12)]
+    recorded_run = sampler(ToyDenoiser(), alphas_cumprod, WHWH, N, per_image_rng=sources)
+    for source in sources:
+        assert len(source.draws) == 1 + (steps - 1) * 2
+        sizes = [value.shape[0] for _, value in source.draws]
+        assert sizes[0] == N
+        assert all(sizes[i] + sizes[i + 1] == N for i in range(1, len(sizes), 2))
+    # Renewal actually dropped something, otherwise this test would not exercise it.
+    assert any(value.shape[0] not in (0, N) for s in sources for _, value in s.draws[1:])
+    replays = [ReplayRandom(source.draws) for source in sources]
+    replayed = sampler(ToyDenoiser(), alphas_cumprod, WHWH, N, per_image_rng=replays)
+    assert [r.remaining for r in replays] == [0, 0]
+    for b in range(2):
+        for key in recorded_run[b]:
+            torch.testing.assert_close(replayed[b][key], recorded_run[b][key])
+
+
+def test_official_style_batch1_replay_shapes(alphas_cumprod):
+    # The official recording stores x_T as (1, N, 4); a shared ReplayRandom reshapes it.
+    x_T = torch.randn(1, N, 4)
+    denoiser = ToyDenoiser()
+    rng = ReplayRandom([("randn", x_T)])
+    DDIMBoxSampler(steps=1)(denoiser, alphas_cumprod, WHWH[:1], N, rng=rng)
+    assert rng.remaining == 0
+    torch.testing.assert_close(denoiser.calls[0][0], signal_to_boxes(x_T, WHWH[:1], 2.0))
+    assert denoiser.calls[0][1].dtype == torch.long and denoiser.calls[0][1].tolist() == [999]
+
+
+def test_second_call_input_follows_ddim(alphas_cumprod):
+    # x_T beyond ±scale: x̂_0 is clamped but ε̂ must use the UNclamped x.
+    x_T = torch.randn(1, N, 4) * 3
+    ddim_noise, refill = torch.randn(N, 4), torch.zeros(0, 4)
+    sampler = DDIMBoxSampler(steps=2, box_renewal=False)
+    denoiser = ToyDenoiser()
+    sampler(denoiser, alphas_cumprod, WHWH[:1], N, rng=ReplayRandom([x_T, ddim_noise, refill]))
+    a_t, a_n = alphas_cumprod[999].item(), alphas_cumprod[499].item()
+    pred = denoiser(signal_to_boxes(x_T, WHWH[:1], 2.0), torch.tensor([999]))["pred_boxes"]
+    x0 = boxes_to_signal(pred, WHWH[:1], 2.0).clamp(-2.0, 2.0).double()
+    eps = (math.sqrt(1 / a_t) * x_T.double() - x0) / math.sqrt(1 / a_t - 1)
+    sigma = math.sqrt((1 - a_t / a_n) * (1 - a_n) / (1 - a_t))
+    x_next = math.sqrt(a_n) * x0 + math.sqrt(1 - a_n - sigma**2) * eps + sigma * ddim_noise.double()
+    second_boxes, second_t = denoiser.calls[1]
+    assert second_t.tolist() == [499]
+    torch.testing.assert_close(
+        second_boxes, signal_to_boxes(x_next.float(), WHWH[:1], 2.0), rtol=0, atol=1e-4
+    )
+
+
+def test_outputs_nms_sorted_and_extras_aligned(alphas_cumprod):
+    sampler = DDIMBoxSampler(steps=2, nms_threshold=0.5)
+    out = sampler(ToyDenoiser(), alphas_cumprod, WHWH, N, rng=TorchRandom())
+    for det in out:
+        assert det["classes"].dtype == torch.long
+        assert set(det["classes"].tolist()) <= set(range(K))
+        scores = det["scores"]
+        assert torch.all(scores[:-1] >= scores[1:])
+        torch.testing.assert_close(det["filters"][:, :4], det["boxes"])
+        assert "stacked" not in det
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"steps": 0}, {"steps": 2, "ensemble": "last"}, {"steps": 1, "renewal_threshold": 1.5},
+     {"steps": 1, "nms_threshold": -0.1}, {"steps": 1, "detections_per_image": -1},
+     {"steps": 1, "eta": -1.0}, {"steps": 1, "snr_scale": 0.0}],
+)
+def test_invalid_arguments(kwargs):
+    with pytest.raises(ValueError):
+        DDIMBoxSampler(**kwargs)
+
+
+def test_per_image_rng_length_checked(alphas_cumprod):
+    with pytest.raises(ValueError):
+        DDIMBoxSampler(steps=1)(
+            ToyDenoiser(), alphas_cumprod, WHWH, N, per_image_rng=_per_image_sources([1])
+        )
