@@ -1,0 +1,218 @@
+"""DiffusionDet dataset mapper: read, augment and convert one detectron2 dataset dict.
+
+Shape legend: H, W image height/width after augmentation; G ground-truth boxes kept in an image.
+Boxes come in any detectron2 ``BoxMode`` (COCO json: abs xywh) and leave as abs xyxy
+(``gt_boxes``), clipped to the augmented image.
+
+Bad input never crashes training: an unreadable, missing or wrongly sized image is logged and the
+mapper returns None, so detectron2's ``MapDataset`` substitutes another sample; annotations with
+non-finite or negative-size boxes are dropped with a warning. At test time the same image problems
+raise :class:`ImageLoadError`, because an evaluation must not silently skip images.
+"""
+import copy
+import importlib.util
+import logging
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode, Instances
+from PIL import Image
+
+from .augmentation import RandomChoiceOfAugmentations, build_diffusiondet_train_augmentation
+
+__all__ = ["DiffusionDetDatasetMapper", "ImageLoadError"]
+
+logger = logging.getLogger(__name__)
+
+# What PIL / detectron2 raise for missing, corrupt, truncated, oversized or wrongly sized images
+# (SizeMismatchError is a ValueError).
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageLoadError(RuntimeError):
+    """An evaluation image could not be used; the message names the file."""
+
+
+class DiffusionDetDatasetMapper:
+    """Map a detectron2 dataset dict to the model input format.
+
+    Output dict: the input fields plus ``"image"``, a (3, H, W) uint8 tensor in ``image_format``
+    channel order, and in training ``"instances"``: ``Instances`` with ``gt_boxes``
+    (``Boxes`` (G, 4) abs xyxy), ``gt_classes`` ((G,) int64) and, with ``mask_on``,
+    ``gt_masks`` (``PolygonMasks`` or (G, H, W) ``BitMasks``). Crowd (``iscrowd=1``) objects are
+    removed in training and boxes left empty by clipping are dropped; images without annotations
+    keep an empty ``Instances``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        augmentations: List[Union[T.Augmentation, T.Transform]],
+        image_format: str = "RGB",
+        mask_on: bool = False,
+        mask_format: str = "polygon",
+    ):
+        """
+        Args:
+            is_train: training mode (annotations kept, bad images skipped) or test mode
+                (annotations dropped, bad images raise).
+            augmentations: applied in order to the image, boxes and masks.
+            image_format: any format of ``detection_utils.read_image`` ("RGB", "BGR", ...);
+                grayscale, palette and RGBA files are converted to it.
+            mask_on: keep instance masks (DiffusionInst); otherwise segmentation and keypoints
+                are dropped.
+            mask_format: "polygon" or "bitmask" (the ``gt_masks`` type).
+        """
+        if mask_format not in ("polygon", "bitmask"):
+            raise ValueError(f"mask_format must be 'polygon' or 'bitmask', got '{mask_format}'")
+        crops_polygons = mask_on and mask_format == "polygon" and _contains_crop(augmentations)
+        if crops_polygons and importlib.util.find_spec("shapely") is None:
+            raise ImportError(
+                "Cropping polygon masks needs the 'shapely' package; install it or use "
+                "mask_format='bitmask' (INPUT.MASK_FORMAT bitmask)."
+            )
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.mask_on = mask_on
+        self.mask_format = mask_format
+        mode = "training" if is_train else "inference"
+        logger.info("[DiffusionDetDatasetMapper] Augmentations used in %s: %s", mode, augmentations)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        """Reads INPUT.* (augmentations, FORMAT, MASK_FORMAT) and MODEL.MASK_ON."""
+        if is_train:
+            augmentations = build_diffusiondet_train_augmentation(cfg)
+        else:
+            # [ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)]
+            augmentations = utils.build_augmentation(cfg, is_train=False)
+        return {
+            "is_train": is_train,
+            "augmentations": augmentations,
+            "image_format": cfg.INPUT.FORMAT,
+            "mask_on": cfg.MODEL.MASK_ON,
+            "mask_format": cfg.INPUT.MASK_FORMAT,
+        }
+
+    def __call__(self, dataset_dict: dict) -> Optional[dict]:
+        """
+        Args:
+            dataset_dict: one image in detectron2 dataset format (not modified).
+
+        Returns:
+            The mapped dict described in the class docstring, or None in training when the image
+            cannot be used.
+        """
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = self._read_image(dataset_dict)
+        if image is None:
+            return None
+        original_hw = image.shape[:2]
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_hw = image.shape[:2]
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+        dataset_dict["image"] = torch.as_tensor(chw)  # (3, H, W) uint8
+
+        annotations = dataset_dict.pop("annotations", [])
+        if not self.is_train:
+            return dataset_dict
+        dataset_dict["instances"] = self._annotations_to_instances(
+            annotations, transforms, original_hw, image_hw, dataset_dict["file_name"]
+        )
+        return dataset_dict
+
+    def _read_image(self, dataset_dict: dict) -> Optional[np.ndarray]:
+        """(H0, W0, C) uint8 image, or None (training) / ImageLoadError (test) when unusable."""
+        file_name = dataset_dict["file_name"]
+        try:
+            image = utils.read_image(file_name, format=self.image_format)
+            utils.check_image_size(dataset_dict, image)
+        except _IMAGE_ERRORS as e:
+            if not self.is_train:
+                raise ImageLoadError(f"Cannot use evaluation image '{file_name}': {e}") from e
+            logger.warning("Skipping training image '%s': %s: %s", file_name, type(e).__name__, e)
+            return None
+        return image
+
+    def _annotations_to_instances(
+        self,
+        annotations: List[dict],
+        transforms: T.TransformList,
+        original_hw: Sequence[int],
+        image_hw: Sequence[int],
+        file_name: str,
+    ) -> Instances:
+        annotations = [a for a in annotations if a.get("iscrowd", 0) == 0]
+        valid = _valid_box_mask(annotations)
+        if not valid.all():
+            logger.warning(
+                "'%s': dropped %d annotation(s) with a malformed, non-finite or negative-size box",
+                file_name,
+                int((~valid).sum()),
+            )
+        annotations = [a for a, ok in zip(annotations, valid) if ok]
+        for anno in annotations:
+            anno.pop("keypoints", None)
+            if not self.mask_on:
+                anno.pop("segmentation", None)
+        crops = any(isinstance(t, T.CropTransform) for t in transforms.transforms)
+        if self.mask_format == "bitmask" and crops:
+            # Cropping polygons needs shapely; cropping the rasterised mask does not, and the
+            # output is a bitmask anyway.
+            for anno in annotations:
+                if "segmentation" in anno:
+                    anno["segmentation"] = _polygons_to_rle(anno["segmentation"], original_hw)
+        image_hw = tuple(image_hw)
+        annotations = [
+            utils.transform_instance_annotations(a, transforms, image_hw) for a in annotations
+        ]
+        instances = utils.annotations_to_instances(
+            annotations, image_hw, mask_format=self.mask_format
+        )
+        return utils.filter_empty_instances(instances)
+
+
+def _valid_box_mask(annotations: List[dict]) -> np.ndarray:
+    """(M,) bool: the annotation has 4 finite box numbers with non-negative width and height."""
+    keep = np.zeros(len(annotations), dtype=bool)
+    for i, anno in enumerate(annotations):
+        try:
+            box = np.asarray(anno["bbox"], dtype=np.float64)
+            mode = anno["bbox_mode"]
+        except (KeyError, TypeError, ValueError):
+            continue
+        if box.shape != (4,) or not np.isfinite(box).all():
+            continue
+        x0, y0, x1, y1 = BoxMode.convert(box[None], mode, BoxMode.XYXY_ABS)[0]  # abs xyxy
+        keep[i] = x1 >= x0 and y1 >= y0
+    return keep
+
+
+def _contains_crop(augmentations) -> bool:
+    for aug in augmentations:
+        if isinstance(aug, (T.RandomCrop, T.CropTransform)):
+            return True
+        if isinstance(aug, RandomChoiceOfAugmentations):
+            if any(_contains_crop(choice.augs) for choice in aug.choices):
+                return True
+        if isinstance(aug, T.AugmentationList) and _contains_crop(aug.augs):
+            return True
+    return False
+
+
+def _polygons_to_rle(segmentation, image_hw: Sequence[int]):
+    """Polygon list -> one COCO RLE dict at image size (H0, W0); RLE dicts pass through."""
+    if not isinstance(segmentation, list):
+        return segmentation
+    polygons = [np.asarray(p, dtype=np.float64).reshape(-1).tolist() for p in segmentation]
+    return mask_util.merge(mask_util.frPyObjects(polygons, int(image_hw[0]), int(image_hw[1])))
