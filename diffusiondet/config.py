@@ -1,0 +1,192 @@
+"""Config keys of DiffusionDet.
+
+Every key lives under ``MODEL.DiffusionDet`` (the official node name, so official YAML files merge
+unchanged). Keys the official code already has keep their names and defaults; every constant the
+official code hard-codes is a key here whose default equals the official value.
+Only this file, ``from_config`` classmethods and ``diffusiondet/engine`` read a ``cfg``.
+"""
+from detectron2.config import CfgNode as CN
+
+from .diffusion import PADDING_STRATEGIES
+from .modeling.sampler import ENSEMBLE_MODES
+
+
+def add_diffusiondet_config(cfg):
+    """Add the DiffusionDet keys (and the solver/dataset keys it uses) to a detectron2 config."""
+    cfg.MODEL.DiffusionDet = CN()
+    d = cfg.MODEL.DiffusionDet
+    # Number of object classes K (sigmoid/focal: K logits; softmax: K + 1).
+    d.NUM_CLASSES = 80
+    # Number of noisy boxes N fed to the head during training (and at test time unless
+    # EVAL_NUM_PROPOSALS > 0).
+    d.NUM_PROPOSALS = 300
+    # Boxes used at inference; 0 means "same as NUM_PROPOSALS". The same weights work with any N.
+    d.EVAL_NUM_PROPOSALS = 0
+
+    # --- head (one RCNN-style refinement stage repeated NUM_HEADS times) ---
+    # Attention heads of the per-stage self-attention over proposals.
+    d.NHEADS = 8
+    # Dropout probability inside every stage.
+    d.DROPOUT = 0.0
+    # Hidden width of the per-stage feed-forward network.
+    d.DIM_FEEDFORWARD = 2048
+    # Activation of the feed-forward network: relu, gelu or glu.
+    d.ACTIVATION = "relu"
+    # Object-feature width d; must equal the FPN output channels.
+    d.HIDDEN_DIM = 256
+    # Depth of the classification tower (Linear-LayerNorm-ReLU blocks).
+    d.NUM_CLS = 1
+    # Depth of the box-regression tower.
+    d.NUM_REG = 3
+    # Number of cascaded refinement stages per model call.
+    d.NUM_HEADS = 6
+    # Number of dynamic linear layers in DynamicConv (the architecture needs exactly 2).
+    d.NUM_DYNAMIC = 2
+    # Bottleneck width of DynamicConv.
+    d.DIM_DYNAMIC = 64
+    # Proposals per chunk in DynamicConv (bounds the generated parameters in memory); 0 = automatic.
+    d.DYNAMIC_CHUNK_SIZE = 0
+    # Box-delta clamp for width/height (official: ln(100000 / 16)).
+    d.BBOX_SCALE_CLAMP = 8.740336742730447
+
+    # --- loss and matching ---
+    # Weight of the classification loss and of its matching cost.
+    d.CLASS_WEIGHT = 2.0
+    # Weight of the GIoU loss and of its matching cost.
+    d.GIOU_WEIGHT = 2.0
+    # Weight of the L1 loss (image-size-normalised xyxy) and of its matching cost.
+    d.L1_WEIGHT = 5.0
+    # Losses on every stage (True) or only on the last one.
+    d.DEEP_SUPERVISION = True
+    # Weight of the no-object class in softmax classification (only used when USE_FOCAL is False).
+    d.NO_OBJECT_WEIGHT = 0.1
+    # Sigmoid focal classification (the official setting).
+    d.USE_FOCAL = True
+    # Federated loss (LVIS): focal loss restricted to present + sampled negative classes.
+    d.USE_FED_LOSS = False
+    # Classes active per federated-loss call, background id included (official hard-codes 50).
+    d.FED_LOSS_NUM_CLASSES = 50
+    # Exponent on the per-class image counts giving federated sampling weights.
+    d.FED_LOSS_FREQ_WEIGHT_POWER = 0.5
+    # Focal loss alpha (loss and matching cost).
+    d.ALPHA = 0.25
+    # Focal loss gamma (loss and matching cost).
+    d.GAMMA = 2.0
+    # Prior probability used to initialise the classifier bias: -ln((1 - p) / p).
+    d.PRIOR_PROB = 0.01
+    # Dynamic-k matching: k = floor(sum of the top OTA_K IoUs of a GT), at least 1.
+    d.OTA_K = 5
+    # Centre prior: a query is a candidate if its centre is within CENTER_RADIUS GT widths/heights.
+    d.CENTER_RADIUS = 2.5
+    # Matching cost added when a query is not both inside the GT box and its centre region.
+    d.NOT_IN_BOTH_COST = 100.0
+    # Matching cost added to queries outside every GT box and centre region.
+    d.NOT_FG_COST = 10000.0
+
+    # --- diffusion ---
+    # Number of training timesteps T of the cosine schedule.
+    d.NUM_TIMESTEPS = 1000
+    # Signal scale s: boxes are mapped to (2 b - 1) s before noising.
+    d.SNR_SCALE = 2.0
+    # How ground truth is padded to N boxes (paper Table 4b): gaussian_concat (official),
+    # uniform_concat, full_image_concat or repeat.
+    d.PADDING = "gaussian_concat"
+    # Std of the Gaussian placeholder boxes around 0.5 (official 1/6).
+    d.PLACEHOLDER_STD = 1.0 / 6.0
+    # DDIM sampling steps at inference (the --steps shorthand of tools/train_net.py).
+    d.SAMPLE_STEP = 1
+    # DDIM eta (1.0 = official: fully stochastic DDIM).
+    d.DDIM_ETA = 1.0
+    # Replace low-score boxes by fresh noise between steps.
+    d.BOX_RENEWAL = True
+    # Boxes whose best class probability is <= this are renewed.
+    d.RENEWAL_THRESHOLD = 0.5
+    # Which model calls feed the multi-step ensemble: "official" skips the last call
+    # (as the released code does, issue #56), "all_steps" uses every call.
+    d.ENSEMBLE = "official"
+
+    # --- inference ---
+    # Class-aware NMS on the final candidates.
+    d.USE_NMS = True
+    # IoU threshold of that NMS.
+    d.NMS_THRESH = 0.5
+    # Keep at most this many detections per image after NMS; 0 keeps all (official behaviour).
+    d.DETECTIONS_PER_IMAGE = 0
+
+    # --- solver extras ---
+    # "ADAMW" (official) or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Learning-rate multiplier for parameters whose name contains "backbone".
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+
+    # --- own COCO-format data without writing Python ---
+    # When TRAIN_JSON is set, it is registered as "custom_train" and used as DATASETS.TRAIN;
+    # likewise TEST_JSON as "custom_test" for DATASETS.TEST.
+    cfg.DATASETS.CUSTOM = CN()
+    # COCO instances json of the training split.
+    cfg.DATASETS.CUSTOM.TRAIN_JSON = ""
+    # Folder holding the training images named in TRAIN_JSON.
+    cfg.DATASETS.CUSTOM.TRAIN_IMAGES = ""
+    # COCO instances json of the evaluation split.
+    cfg.DATASETS.CUSTOM.TEST_JSON = ""
+    # Folder holding the evaluation images named in TEST_JSON.
+    cfg.DATASETS.CUSTOM.TEST_IMAGES = ""
+
+    # Images per batch in evaluation loaders (inference is batch-safe; detectron2 uses 1).
+    cfg.TEST.IMS_PER_BATCH = 1
+
+    # Shorter-side sizes of the resize that precedes the random crop in the DETR-style branch.
+    cfg.INPUT.CROP.PRE_CROP_MIN_SIZES = (400, 500, 600)
+
+
+def validate_diffusiondet_config(cfg):
+    """Raise a clear ``ValueError`` at start-up for values that would only fail hours later."""
+    d = cfg.MODEL.DiffusionDet
+    checks = [
+        (d.NUM_CLASSES >= 1, f"MODEL.DiffusionDet.NUM_CLASSES must be >= 1, got {d.NUM_CLASSES}"),
+        (d.NUM_PROPOSALS >= 1, f"MODEL.DiffusionDet.NUM_PROPOSALS must be >= 1, got {d.NUM_PROPOSALS}"),
+        (
+            d.EVAL_NUM_PROPOSALS >= 0,
+            "MODEL.DiffusionDet.EVAL_NUM_PROPOSALS (--boxes) must be >= 1, or 0 for NUM_PROPOSALS;"
+            f" got {d.EVAL_NUM_PROPOSALS}",
+        ),
+        (d.SAMPLE_STEP >= 1, f"MODEL.DiffusionDet.SAMPLE_STEP (--steps) must be >= 1, got {d.SAMPLE_STEP}"),
+        (
+            d.SAMPLE_STEP <= d.NUM_TIMESTEPS,
+            f"MODEL.DiffusionDet.SAMPLE_STEP ({d.SAMPLE_STEP}) cannot exceed NUM_TIMESTEPS ({d.NUM_TIMESTEPS})",
+        ),
+        (
+            d.PADDING in PADDING_STRATEGIES,
+            f"MODEL.DiffusionDet.PADDING must be one of {PADDING_STRATEGIES}, got {d.PADDING!r}",
+        ),
+        (d.ENSEMBLE in ENSEMBLE_MODES, f"MODEL.DiffusionDet.ENSEMBLE must be one of {ENSEMBLE_MODES}, got {d.ENSEMBLE!r}"),
+        (d.NUM_TIMESTEPS >= 2, f"MODEL.DiffusionDet.NUM_TIMESTEPS must be >= 2, got {d.NUM_TIMESTEPS}"),
+        (d.SNR_SCALE > 0, f"MODEL.DiffusionDet.SNR_SCALE must be > 0, got {d.SNR_SCALE}"),
+        (d.PLACEHOLDER_STD > 0, f"MODEL.DiffusionDet.PLACEHOLDER_STD must be > 0, got {d.PLACEHOLDER_STD}"),
+        (0.0 <= d.RENEWAL_THRESHOLD <= 1.0, f"RENEWAL_THRESHOLD must be in [0, 1], got {d.RENEWAL_THRESHOLD}"),
+        (0.0 < d.NMS_THRESH <= 1.0, f"MODEL.DiffusionDet.NMS_THRESH must be in (0, 1], got {d.NMS_THRESH}"),
+        (d.DDIM_ETA >= 0.0, f"MODEL.DiffusionDet.DDIM_ETA must be >= 0, got {d.DDIM_ETA}"),
+        (cfg.TEST.IMS_PER_BATCH >= 1, f"TEST.IMS_PER_BATCH must be >= 1, got {cfg.TEST.IMS_PER_BATCH}"),
+        (d.NUM_DYNAMIC == 2, f"MODEL.DiffusionDet.NUM_DYNAMIC must be 2, got {d.NUM_DYNAMIC}"),
+        (d.OTA_K >= 1, f"MODEL.DiffusionDet.OTA_K must be >= 1, got {d.OTA_K}"),
+        (
+            d.HIDDEN_DIM == cfg.MODEL.FPN.OUT_CHANNELS,
+            f"MODEL.DiffusionDet.HIDDEN_DIM ({d.HIDDEN_DIM}) must equal MODEL.FPN.OUT_CHANNELS"
+            f" ({cfg.MODEL.FPN.OUT_CHANNELS})",
+        ),
+        (
+            cfg.SOLVER.OPTIMIZER.upper() in ("ADAMW", "SGD"),
+            f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}",
+        ),
+        (
+            bool(cfg.DATASETS.CUSTOM.TRAIN_JSON) == bool(cfg.DATASETS.CUSTOM.TRAIN_IMAGES),
+            "DATASETS.CUSTOM.TRAIN_JSON and DATASETS.CUSTOM.TRAIN_IMAGES must be set together",
+        ),
+        (
+            bool(cfg.DATASETS.CUSTOM.TEST_JSON) == bool(cfg.DATASETS.CUSTOM.TEST_IMAGES),
+            "DATASETS.CUSTOM.TEST_JSON and DATASETS.CUSTOM.TEST_IMAGES must be set together",
+        ),
+    ]
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+        raise ValueError("Invalid DiffusionDet config:\n  " + "\n  ".join(errors))

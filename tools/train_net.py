@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Train or evaluate DiffusionDet (one or many GPUs/machines through detectron2's launch).
+
+    python tools/train_net.py --config-file configs/diffdet.coco.res50.yaml --num-gpus 8
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model.pth --steps 4 --boxes 1000
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_setup, launch
+from detectron2.evaluation import verify_results
+
+from diffusiondet.engine import Trainer, argument_parser, build_config
+
+
+def setup(args):
+    cfg = build_config(args.config_file, args.opts, steps=args.steps, boxes=args.boxes)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main():
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
