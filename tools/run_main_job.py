@@ -3,7 +3,7 @@
 DiffusionDet on CPU, then evaluate it for every (steps, boxes) pair and print a box-AP table.
 
     python tools/run_main_job.py [--config-file configs/diffdet.synthetic.res18.yaml]
-        [--steps 1 4] [--boxes 100 300] [--retrain] [KEY VALUE ...]
+        [--steps 1 4] [--boxes 100 300] [--retrain] [--opts KEY VALUE ...]
 
 Training resumes from the last checkpoint in OUTPUT_DIR, so a second run only re-evaluates
 (pass --retrain to start over).
@@ -31,7 +31,7 @@ def parse_args():
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--boxes", type=int, nargs="+", default=[100, 300])
     parser.add_argument("--retrain", action="store_true", help="delete OUTPUT_DIR and train from scratch")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return parser.parse_args()
 
 

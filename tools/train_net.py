@@ -7,11 +7,14 @@
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from diffusiondet.engine import Trainer, argument_parser, build_config
 
 
 def setup(args):
+    setup_logger(distributed_rank=comm.get_rank(), name="diffusiondet")
     cfg = build_config(args.config_file, args.opts, steps=args.steps, boxes=args.boxes)
     cfg.freeze()
     default_setup(cfg, args)
