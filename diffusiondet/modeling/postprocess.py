@@ -88,7 +88,9 @@ def nms_candidates(cand: CandidateDict, iou_threshold: float) -> CandidateDict:
     Returns:
         the surviving rows of every field, sorted by score descending.
     """
-    keep = batched_nms(cand["boxes"], cand["scores"], cand["classes"], iou_threshold)
+    # detectron2's batched_nms casts boxes to float32 and torchvision's kernel rejects scores of
+    # another dtype, e.g. from a float64 or half head.
+    keep = batched_nms(cand["boxes"], cand["scores"].float(), cand["classes"], iou_threshold)
     return select_rows(cand, keep)
 
 
