@@ -8,6 +8,7 @@ Only this file, ``from_config`` classmethods and ``diffusiondet/engine`` read a 
 from detectron2.config import CfgNode as CN
 
 from .diffusion import PADDING_STRATEGIES
+from .modeling.meta_arch import INFERENCE_AMP_DTYPES
 from .modeling.sampler import ENSEMBLE_MODES
 
 
@@ -138,6 +139,19 @@ def add_diffusiondet_config(cfg):
     # Shorter-side sizes of the resize that precedes the random crop in the DETR-style branch.
     cfg.INPUT.CROP.PRE_CROP_MIN_SIZES = (400, 500, 600)
 
+    # --- speed switches (detections unchanged unless noted) ---
+    # Threads pooling RoIs at CPU inference (bit-identical output): 0 = torch.get_num_threads(),
+    # 1 = detectron2's serial ROIPooler.
+    d.POOLER_THREADS = 0
+    # Mixed precision of backbone and head at inference: "" (off, fp32), "bf16" or "fp16";
+    # detections change slightly (scores and boxes are still computed and returned in fp32).
+    d.INFERENCE_AMP = ""
+    # torch.compile every head stage (meant for GPUs; the first calls are slow while compiling).
+    d.COMPILE_HEAD = False
+    # Skip the model call whose predictions nothing uses (the last one with ENSEMBLE "official"
+    # and SAMPLE_STEP > 1): same detections, 1/SAMPLE_STEP less head time. False = official calls.
+    d.SKIP_UNUSED_CALLS = True
+
 
 def validate_diffusiondet_config(cfg):
     """Raise a clear ``ValueError`` at start-up for values that would only fail hours later."""
@@ -185,6 +199,15 @@ def validate_diffusiondet_config(cfg):
         (
             bool(cfg.DATASETS.CUSTOM.TEST_JSON) == bool(cfg.DATASETS.CUSTOM.TEST_IMAGES),
             "DATASETS.CUSTOM.TEST_JSON and DATASETS.CUSTOM.TEST_IMAGES must be set together",
+        ),
+        (
+            d.INFERENCE_AMP in INFERENCE_AMP_DTYPES,
+            f"MODEL.DiffusionDet.INFERENCE_AMP must be one of {sorted(INFERENCE_AMP_DTYPES)},"
+            f" got {d.INFERENCE_AMP!r}",
+        ),
+        (
+            d.POOLER_THREADS >= 0,
+            f"MODEL.DiffusionDet.POOLER_THREADS must be >= 0, got {d.POOLER_THREADS}",
         ),
     ]
     errors = [msg for ok, msg in checks if not ok]

@@ -48,6 +48,7 @@ def build_head(cfg, input_shapes: List[ShapeSpec]) -> DynamicHead:
         deep_supervision=d.DEEP_SUPERVISION,
         scale_clamp=d.BBOX_SCALE_CLAMP,
         dynamic_chunk_size=d.DYNAMIC_CHUNK_SIZE,
+        pooler_threads=d.POOLER_THREADS,
     )
 
 
@@ -108,4 +109,5 @@ def build_sampler(cfg) -> DDIMBoxSampler:
         use_nms=d.USE_NMS,
         nms_threshold=d.NMS_THRESH,
         detections_per_image=d.DETECTIONS_PER_IMAGE,
+        skip_unused_calls=d.SKIP_UNUSED_CALLS,
     )

@@ -8,6 +8,7 @@ Extension points used by subclasses (DiffusionInst): ``build_targets`` (extra GT
 ``denoise`` (extra per-proposal outputs, carried through sampling and NMS by the sampler) and
 ``build_instances`` (extra output fields).
 """
+import contextlib
 import logging
 from typing import Dict, List, Optional, Sequence
 
@@ -33,9 +34,12 @@ from .criterion import SetCriterion
 from .head import DynamicHead
 from .sampler import DDIMBoxSampler
 
-__all__ = ["DiffusionDet"]
+__all__ = ["DiffusionDet", "INFERENCE_AMP_DTYPES"]
 
 logger = logging.getLogger(__name__)
+
+# INFERENCE_AMP value -> autocast dtype ("" = full precision).
+INFERENCE_AMP_DTYPES = {"": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @META_ARCH_REGISTRY.register()
@@ -59,6 +63,8 @@ class DiffusionDet(nn.Module):
         placeholder_std: float,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        inference_amp: str = "",
+        compile_head: bool = False,
     ):
         """
         Args:
@@ -74,6 +80,9 @@ class DiffusionDet(nn.Module):
             padding: how GT boxes are padded to N (see ``diffusiondet.diffusion.PADDING_STRATEGIES``).
             placeholder_std: std of the Gaussian placeholder boxes.
             pixel_mean, pixel_std: per-channel normalisation of the input image.
+            inference_amp: autocast backbone and head at inference, one of
+                ``INFERENCE_AMP_DTYPES`` ("" = off); the sampler keeps working in fp32.
+            compile_head: ``torch.compile`` each head stage in place (state-dict keys unchanged).
         """
         super().__init__()
         self.backbone = backbone
@@ -92,6 +101,16 @@ class DiffusionDet(nn.Module):
             self.register_buffer(name, value)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        if inference_amp not in INFERENCE_AMP_DTYPES:
+            raise ValueError(
+                f"inference_amp must be one of {sorted(INFERENCE_AMP_DTYPES)}, "
+                f"got {inference_amp!r}"
+            )
+        self.inference_amp = inference_amp
+        if compile_head:
+            # Per stage: the pooler between stages has data-dependent shapes (level split).
+            for stage in self.head.head_series:
+                stage.compile(dynamic=True)
 
     @classmethod
     def from_config(cls, cfg):
@@ -113,6 +132,8 @@ class DiffusionDet(nn.Module):
             "placeholder_std": d.PLACEHOLDER_STD,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "inference_amp": d.INFERENCE_AMP,
+            "compile_head": d.COMPILE_HEAD,
         }
 
     @property
@@ -211,9 +232,23 @@ class DiffusionDet(nn.Module):
             do_postprocess: rescale to each input's "height"/"width" (otherwise network-input size).
         """
         images, whwh = self.preprocess_image(batched_inputs)
-        features = self.extract_features(images)
+        with self.inference_autocast():
+            features = self.extract_features(images)
+        if self.inference_amp:
+            # detectron2's ROIAlign casts box coordinates to the features' dtype: a bf16 box
+            # corner at x = 1000 would move by up to 4 px. Pooling reads fp32 features instead.
+            features = [f.float() for f in features]
+
+        def denoise_fn(boxes: torch.Tensor, t: torch.Tensor) -> Dict:
+            with self.inference_autocast():
+                out = self.denoise(features, boxes, t)
+            if not self.inference_amp:
+                return out
+            # Scores, renewal and NMS stay in fp32: bf16 logits would tie many scores.
+            return {k: _to_fp32(v) for k, v in out.items()}
+
         detections = self.sampler(
-            lambda boxes, t: self.denoise(features, boxes, t),
+            denoise_fn,
             self.alphas_cumprod,
             whwh,
             self.eval_num_proposals,
@@ -228,6 +263,13 @@ class DiffusionDet(nn.Module):
             results.append({"instances": inst})
         return results
 
+    def inference_autocast(self):
+        """The autocast context of ``inference_amp`` on the model's device (a no-op when off)."""
+        dtype = INFERENCE_AMP_DTYPES[self.inference_amp]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
     def build_instances(self, det: Dict[str, torch.Tensor], image_size) -> Instances:
         """Sampler output (boxes abs xyxy, scores, classes) -> Instances in the network-input frame."""
         inst = Instances(image_size)
@@ -235,3 +277,7 @@ class DiffusionDet(nn.Module):
         inst.scores = det["scores"]
         inst.pred_classes = det["classes"]
         return inst
+
+
+def _to_fp32(value):
+    return value.float() if torch.is_tensor(value) and value.is_floating_point() else value

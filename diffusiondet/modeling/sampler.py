@@ -47,6 +47,10 @@ class DDIMBoxSampler:
         use_nms: class-aware NMS on each image's merged candidates.
         nms_threshold: IoU threshold of that NMS, in [0, 1].
         detections_per_image: keep the top-k detections per image; 0 keeps all (official).
+        skip_unused_calls: do not make model calls whose outputs nothing uses: with
+            ensemble="official" and S > 1, the last call (it is neither ensembled nor stepped).
+            Same detections and random draws with 1/S less model time; False (the default)
+            keeps the official S calls.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class DDIMBoxSampler:
         use_nms: bool = True,
         nms_threshold: float = 0.5,
         detections_per_image: int = 0,
+        skip_unused_calls: bool = False,
     ):
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps}")
@@ -87,6 +92,7 @@ class DDIMBoxSampler:
         self.use_nms = use_nms
         self.nms_threshold = nms_threshold
         self.detections_per_image = detections_per_image
+        self.skip_unused_calls = skip_unused_calls
 
     def _ensembles_call(self, t_next: int) -> bool:
         """Whether the candidates of the call at (t, t_next) enter the ensemble."""
@@ -146,6 +152,8 @@ class DDIMBoxSampler:
         x = torch.stack([draw(b, (num_boxes, 4)) for b in range(batch)])  # (B, N, 4) signal
         per_call_candidates = []
         for t, t_next in ddim_time_pairs(alphas_cumprod.shape[0], self.steps):
+            if self.skip_unused_calls and not self._ensembles_call(t_next):
+                break  # the final call of the official ensemble: its outputs would be dropped
             time = torch.full((batch,), t, dtype=torch.long, device=device)
             outputs = denoise_fn(signal_to_boxes(x, image_whwh, self.snr_scale), time)
             logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]

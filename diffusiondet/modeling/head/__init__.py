@@ -2,6 +2,7 @@
 from .dynamic_conv import DynamicConv
 from .dynamic_head import DynamicHead
 from .refinement_stage import RefinementStage
+from .threaded_pooler import ThreadedROIPooler
 from .time_embedding import SinusoidalTimeEmbedding, build_time_mlp
 
 __all__ = [
@@ -9,5 +10,6 @@ __all__ = [
     "DynamicHead",
     "RefinementStage",
     "SinusoidalTimeEmbedding",
+    "ThreadedROIPooler",
     "build_time_mlp",
 ]

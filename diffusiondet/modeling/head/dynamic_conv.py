@@ -87,6 +87,12 @@ class DynamicConv(nn.Module):
         """
         num_props, num_bins, _ = roi_features.shape
         weight, bias = self.dynamic_layer.weight, self.dynamic_layer.bias
+        device_type = roi_features.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Cast once here: autocast would re-cast the weight slices and RoI chunks below for
+            # every chunk (its cache only keeps leaf tensors). Same values, 32 MB less per chunk.
+            amp_dtype = torch.get_autocast_dtype(device_type)
+            weight, bias, roi_features = (v.to(amp_dtype) for v in (weight, bias, roi_features))
         # Slices of the generator's weight are views, so each chunk generates only its own
         # parameters (one layer at a time) without copying the 2·D·DD × D matrix.
         w1, w2 = weight[: self.num_params], weight[self.num_params :]
@@ -96,15 +102,24 @@ class DynamicConv(nn.Module):
         )
         on_cpu = roi_features.device.type == "cpu"
         chunk = self.resolved_chunk_size(num_props, roi_features.dtype, needs_grad, on_cpu)
-        mixed = roi_features.new_empty(num_props, num_bins * self.hidden_dim)  # (M, P·D)
+        # (M, P·D); allocated by the first chunk in its dtype, which autocast may change.
+        mixed = roi_features.new_empty(0, num_bins * self.hidden_dim)
         for start in range(0, num_props, chunk):
             stop = min(start + chunk, num_props)
             feats = pro_features[start:stop]  # (c, D)
             param1 = F.linear(feats, w1, b1).view(-1, self.hidden_dim, self.dim_dynamic)
-            x = F.relu(self.norm1(torch.bmm(roi_features[start:stop], param1)))  # (c, P, DD)
+            x = self.norm1(torch.bmm(roi_features[start:stop], param1))  # (c, P, DD)
+            x = F.relu(x, inplace=not needs_grad)
             param2 = F.linear(feats, w2, b2).view(-1, self.dim_dynamic, self.hidden_dim)
-            x = F.relu(self.norm2(torch.bmm(x, param2)))  # (c, P, D)
-            mixed[start:stop] = x.flatten(1)
+            x = self.norm2(torch.bmm(x, param2))  # (c, P, D)
+            if start == 0:
+                mixed = x.new_empty(num_props, num_bins * self.hidden_dim)
+            if needs_grad:
+                mixed[start:stop] = F.relu(x).flatten(1)
+            else:
+                # clamp_min(·, 0) is how ATen implements relu; writing straight into the
+                # output buffer saves allocating and copying a (c, P·D) tensor per chunk.
+                torch.clamp_min(x, 0, out=mixed[start:stop].view_as(x))
         # One GEMM for the 12544→256 projection: per-chunk calls would re-stream its 12.8 MB
         # weight once per chunk.
         return F.relu(self.norm3(self.out_layer(mixed)))  # (M, D)

@@ -10,11 +10,11 @@ import math
 from typing import Dict, List, Sequence
 
 import torch
-from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
 from .refinement_stage import ACTIVATIONS, RefinementStage
+from .threaded_pooler import ThreadedROIPooler
 from .time_embedding import build_time_mlp
 
 __all__ = ["DynamicHead"]
@@ -52,6 +52,7 @@ class DynamicHead(nn.Module):
         bbox_weights: Sequence[float] = (2.0, 2.0, 1.0, 1.0),
         scale_clamp: float = math.log(100000.0 / 16),
         dynamic_chunk_size: int = 0,
+        pooler_threads: int = 0,
     ):
         """
         Args:
@@ -73,6 +74,8 @@ class DynamicHead(nn.Module):
             bbox_weights: (wx, wy, ww, wh) of detectron2's ``Box2BoxTransform``.
             scale_clamp: max dw/dh before exp (default ln(100000/16)).
             dynamic_chunk_size: proposals per DynamicConv chunk; 0 = automatic.
+            pooler_threads: threads of the CPU inference RoI pooling (bit-identical output);
+                0 = ``torch.get_num_threads()``, 1 = detectron2's serial ``ROIPooler``.
         """
         super().__init__()
         if in_channels != hidden_dim:
@@ -90,11 +93,12 @@ class DynamicHead(nn.Module):
         self.num_logits = num_classes if use_focal else num_classes + 1
         self.hidden_dim = hidden_dim
         self.deep_supervision = deep_supervision
-        self.box_pooler = ROIPooler(
+        self.box_pooler = ThreadedROIPooler(
             output_size=pooler_resolution,
             scales=tuple(pooler_scales),
             sampling_ratio=sampling_ratio,
             pooler_type=pooler_type,
+            num_threads=pooler_threads,
         )
         self.time_mlp = build_time_mlp(hidden_dim)
         stage = RefinementStage(
@@ -122,6 +126,23 @@ class DynamicHead(nn.Module):
         # Copies of one initialised stage: every stage starts identical (spec §3.3).
         self.head_series = nn.ModuleList(copy.deepcopy(stage) for _ in range(num_stages))
 
+    def set_speed_options(self, *, dynamic_chunk_size: int, pooler_threads: int) -> None:
+        """Change the options that trade speed or memory only (outputs do not depend on them).
+
+        Args:
+            dynamic_chunk_size: proposals per DynamicConv chunk; 0 = automatic, a value >= B·N
+                gives the official unchunked layer.
+            pooler_threads: CPU inference pooling threads; 0 = automatic, 1 = serial.
+        """
+        if dynamic_chunk_size < 0 or pooler_threads < 0:
+            raise ValueError(
+                f"dynamic_chunk_size and pooler_threads must be >= 0, got {dynamic_chunk_size}"
+                f" and {pooler_threads}"
+            )
+        for stage in self.head_series:
+            stage.inst_interact.chunk_size = dynamic_chunk_size
+        self.box_pooler.num_threads = pooler_threads
+
     def pool(self, features: List[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """RoI-pool ``boxes`` (B, N, 4) abs xyxy from ``features`` (L × (B, D, H_l, W_l)).
 
@@ -148,12 +169,18 @@ class DynamicHead(nn.Module):
                 (hook for heads that derive extra outputs, e.g. DiffusionInst's mask filters).
         """
         boxes = init_boxes.to(torch.promote_types(features[0].dtype, torch.float32))
-        time_emb = self.time_mlp(t)  # (B, 4D), shared by all stages
+        # One embedding per distinct timestep. At inference all images share t, and a GEMM over
+        # B equal rows rounds differently from one over 1 row: this keeps a batch's outputs
+        # bit-identical to each image's alone.
+        unique_t, time_index = torch.unique(t, return_inverse=True)  # (U,), (B,)
+        time_emb = self.time_mlp(unique_t)  # (U, 4D), shared by all stages
         pro_features = None
         stage_logits, stage_boxes, stage_features = [], [], []
         for stage in self.head_series:
             roi_features = self.pool(features, boxes)  # (B·N, D, R, R)
-            logits, pred_boxes, pro_features = stage(roi_features, boxes, pro_features, time_emb)
+            logits, pred_boxes, pro_features = stage(
+                roi_features, boxes, pro_features, time_emb, time_index
+            )
             if self.deep_supervision:
                 stage_logits.append(logits)
                 stage_boxes.append(pred_boxes)

@@ -106,6 +106,7 @@ class RefinementStage(nn.Module):
         boxes: torch.Tensor,
         pro_features: Optional[torch.Tensor],
         time_emb: torch.Tensor,
+        time_index: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -113,7 +114,9 @@ class RefinementStage(nn.Module):
             boxes: (B, N, 4) abs xyxy input boxes of this stage (the decoding reference).
             pro_features: (B, N, D) object features of the previous stage, or None for the first
                 stage (then the mean of each RoI is used).
-            time_emb: (B, E) output of the shared time MLP.
+            time_emb: (B, E) output of the shared time MLP, or (U, E) for U distinct timesteps
+                when ``time_index`` is given.
+            time_index: optional (B,) long, the row of ``time_emb`` of each image.
 
         Returns:
             logits: (B, N, K) class logits.
@@ -141,7 +144,10 @@ class RefinementStage(nn.Module):
 
         # Timestep conditioning touches only the prediction towers, never the features that
         # flow to the next stage.
-        scale, shift = self.block_time_mlp(time_emb)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        scale_shift = self.block_time_mlp(time_emb)  # (B or U, 2D)
+        if time_index is not None:
+            scale_shift = scale_shift[time_index]  # (B, 2D)
+        scale, shift = scale_shift[:, None].chunk(2, dim=-1)  # (B, 1, D) each
         fc_feature = obj_features * (scale + 1) + shift  # (B, N, D)
         cls_feature = reg_feature = fc_feature
         for layer in self.cls_module:

@@ -1,0 +1,242 @@
+"""Speed paths give the reference path's results: threaded RoI pooling, DynamicConv chunking,
+batched sampling, plus the INFERENCE_AMP / COMPILE_HEAD switches.
+
+Shape legend: B images, N proposals, M = B·N RoIs, D channels, K classes. Boxes are abs xyxy.
+"""
+import copy
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes, ImageList
+
+from diffusiondet.diffusion import TorchRandom
+from diffusiondet.engine import build_config
+from diffusiondet.modeling import DiffusionDet
+from diffusiondet.modeling.head import DynamicHead, ThreadedROIPooler
+from tests.utils import random_input, tiny_cfg
+
+SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+UNCHUNKED = 1 << 30
+
+
+def _features(batch, channels=16, height=64, width=96):
+    return [torch.randn(batch, channels, height >> i, width >> i) for i in range(4)]
+
+
+def _multi_level_boxes(batch, num, width=384.0, height=256.0):
+    # Sizes from 2 to 300 px so that every FPN level receives boxes.
+    xy = torch.rand(batch, num, 2) * torch.tensor([width, height]) * 0.7
+    wh = torch.exp(torch.rand(batch, num, 2) * 5.0) + 1.0
+    return torch.cat([xy, xy + wh], dim=-1)
+
+
+def _poolers(num_threads):
+    kwargs = dict(output_size=7, scales=SCALES, sampling_ratio=2, pooler_type="ROIAlignV2")
+    return ROIPooler(**kwargs), ThreadedROIPooler(**kwargs, num_threads=num_threads)
+
+
+@pytest.mark.parametrize("num_threads", [2, 3])
+def test_threaded_pooler_is_bit_identical(num_threads):
+    serial, threaded = _poolers(num_threads)
+    features = _features(2)
+    boxes = _multi_level_boxes(2, 40)
+    boxes[0, 3] = torch.tensor([50.0, 50.0, 40.0, 60.0])  # negative area: no level, zero row
+    boxes[1, 5] = float("nan")
+    box_lists = [Boxes(b) for b in boxes]
+    with torch.no_grad():
+        ref = serial(features, box_lists)
+        out = threaded(features, box_lists)
+    assert out.shape == (80, 16, 7, 7)
+    assert torch.equal(out.nan_to_num(123.0), ref.nan_to_num(123.0))
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_threaded_pooler_falls_back_when_gradients_are_needed():
+    serial, threaded = _poolers(2)
+    features = [f.requires_grad_() for f in _features(1)]
+    box_lists = [Boxes(_multi_level_boxes(1, 12)[0])]
+    out = threaded(features, box_lists)
+    assert out.grad_fn is not None
+    torch.testing.assert_close(out, serial(features, box_lists), rtol=0, atol=0)
+    out.sum().backward()
+    assert all(f.grad is not None for f in features)
+
+
+def test_threaded_pooler_under_autocast_and_empty_input():
+    serial, threaded = _poolers(2)
+    features = _features(2)
+    box_lists = [Boxes(b) for b in _multi_level_boxes(2, 9)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(threaded(features, box_lists), serial(features, box_lists))
+    empty = [Boxes(torch.zeros(0, 4)), Boxes(torch.zeros(0, 4))]
+    with torch.no_grad():
+        assert threaded(features, empty).shape == (0, 16, 7, 7)
+    with pytest.raises(ValueError, match="num_threads"):
+        ThreadedROIPooler(
+            output_size=7, scales=SCALES, sampling_ratio=2, pooler_type="ROIAlignV2", num_threads=-1
+        )
+
+
+def _head():
+    head = DynamicHead(
+        num_classes=3, in_channels=16, hidden_dim=16, dim_feedforward=32, nhead=2,
+        num_stages=3, dim_dynamic=4, pooler_scales=SCALES,
+    )  # fmt: skip
+    return head.eval()
+
+
+@torch.no_grad()
+def test_head_fast_options_equal_reference_options():
+    head = _head()
+    features, boxes, t = _features(2), _multi_level_boxes(2, 30), torch.tensor([999, 999])
+    head.set_speed_options(dynamic_chunk_size=UNCHUNKED, pooler_threads=1)
+    ref = head(features, boxes, t)
+    head.set_speed_options(dynamic_chunk_size=7, pooler_threads=2)
+    out = head(features, boxes, t)
+    for key in ref:
+        assert torch.equal(out[key], ref[key]), key
+    with pytest.raises(ValueError, match="pooler_threads"):
+        head.set_speed_options(dynamic_chunk_size=0, pooler_threads=-1)
+
+
+@torch.no_grad()
+def test_head_batch_with_shared_timestep_is_bit_identical_to_single_images():
+    # float32: the time embedding is computed once per distinct t, so a batch sampled at one
+    # timestep (as at inference) needs no tolerance.
+    head = _head()
+    features, boxes, t = _features(2), _multi_level_boxes(2, 30), torch.tensor([500, 500])
+    batched = head(features, boxes, t)
+    for i in range(2):
+        single = head([f[i : i + 1] for f in features], boxes[i : i + 1], t[i : i + 1])
+        for key in batched:
+            assert torch.equal(single[key][:, 0], batched[key][:, i]), key
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("MODEL.DiffusionDet.SAMPLE_STEP", 3)).eval()
+    model.sampler.renewal_threshold = 0.2  # with an untrained head, make renewal keep some boxes
+    return model
+
+
+def _infer(model, inputs, seeds):
+    rngs = [TorchRandom(generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return [r["instances"] for r in model.inference(inputs, per_image_rng=rngs)]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_fast_model_equals_reference_batch1_loop(model, steps, monkeypatch):
+    model = copy.deepcopy(model)
+    model.sampler.steps = steps
+    inputs = [random_input(64, 80, seed=s) for s in (1, 2)]
+    # oneDNN convolutions may round differently for 1 and 2 images (~5e-6 here), which a random
+    # head amplifies; the backbone is not what is compared, so a batch gets per-image features.
+    backbone = model.extract_features
+
+    def per_image_features(images):
+        per_image = [backbone(ImageList(images.tensor[i : i + 1], images.image_sizes[i : i + 1]))
+                     for i in range(len(images))]
+        return [torch.cat(levels) for levels in zip(*per_image)]
+
+    monkeypatch.setattr(model, "extract_features", per_image_features)
+    model.head.set_speed_options(dynamic_chunk_size=0, pooler_threads=2)
+    model.sampler.skip_unused_calls = True
+    fast = _infer(model, inputs, [7, 8])
+    model.head.set_speed_options(dynamic_chunk_size=UNCHUNKED, pooler_threads=1)
+    model.sampler.skip_unused_calls = False
+    reference = [_infer(model, [x], [s])[0] for x, s in zip(inputs, [7, 8])]
+    # Not bit-exact: ATen's vectorised elementwise kernels (sigmoid, exp) evaluate the tail of
+    # a tensor with the scalar formula, so an element can round by 1 ulp differently when the
+    # batch size moves it out of the tail.
+    for a, b in zip(fast, reference):
+        assert len(a) == len(b) > 0
+        assert torch.equal(a.pred_classes, b.pred_classes)
+        torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("steps, ensemble, calls", [(1, "official", 1), (2, "official", 1),
+                                                    (4, "official", 3), (4, "all_steps", 4)])
+def test_skipping_the_unused_last_call_keeps_detections_and_draws(model, steps, ensemble, calls):
+    sampler = copy.deepcopy(model.sampler)
+    sampler.steps, sampler.ensemble = steps, ensemble
+    images, _ = model.preprocess_image([random_input(64, 80, seed=4)])
+    features = model.extract_features(images)
+    whwh = torch.tensor([[80.0, 64.0, 80.0, 64.0]])
+    results = {}
+    for skip in (False, True):
+        sampler.skip_unused_calls = skip
+        made = []
+
+        def denoise(boxes, t):
+            made.append(int(t[0]))
+            return model.denoise(features, boxes, t)
+
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            (det,) = sampler(denoise, model.alphas_cumprod, whwh, 20,
+                             per_image_rng=[TorchRandom(generator=generator)])  # fmt: skip
+        results[skip] = (det, made, torch.randn(1, generator=generator))  # next draw: same state
+    (full, full_calls, full_next), (skipped, skipped_calls, skipped_next) = results.values()
+    assert len(full_calls) == steps and skipped_calls == full_calls[:calls]
+    assert torch.equal(full_next, skipped_next)
+    for key in full:
+        assert torch.equal(full[key], skipped[key]), key
+
+
+def test_bf16_inference_runs_and_stays_close(model):
+    model = copy.deepcopy(model)
+    model.sampler.steps = 1
+    inputs = [random_input(64, 80, seed=3)]
+    images, _ = model.preprocess_image(inputs)
+    features = model.extract_features(images)
+    boxes, t = _multi_level_boxes(1, 20, width=80.0, height=64.0), torch.tensor([999])
+    with torch.no_grad():
+        ref = model.denoise(features, boxes, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.denoise(features, boxes, t)
+    assert low["pred_logits"].dtype == torch.bfloat16
+    torch.testing.assert_close(low["pred_logits"].float(), ref["pred_logits"], atol=0.1, rtol=0.05)
+    box_error = (low["pred_boxes"] - ref["pred_boxes"]).abs()  # pixels, image 80 x 64
+    assert box_error.median() < 0.5 and box_error.max() < 5.0
+
+    model.inference_amp = "bf16"
+    amp = _infer(model, inputs, [5])[0]
+    model.inference_amp = ""
+    full = _infer(model, inputs, [5])[0]
+    assert amp.scores.dtype == amp.pred_boxes.tensor.dtype == torch.float32
+    assert len(amp) > 0 and torch.isfinite(amp.pred_boxes.tensor).all()
+    # Same noise, bf16 head: the best detection is found again at nearly the same place.
+    assert amp.pred_classes[0] == full.pred_classes[0]
+    best_box_error = (amp.pred_boxes.tensor[0] - full.pred_boxes.tensor[0]).abs().max()
+    assert best_box_error < 2.0
+
+
+def test_speed_config_keys_are_validated_and_wired(monkeypatch):
+    with pytest.raises(ValueError, match="INFERENCE_AMP"):
+        tiny_cfg("MODEL.DiffusionDet.INFERENCE_AMP", "fp8")
+    with pytest.raises(ValueError, match="POOLER_THREADS"):
+        tiny_cfg("MODEL.DiffusionDet.POOLER_THREADS", -1)
+    defaults = build_config()
+    assert defaults.MODEL.DiffusionDet.INFERENCE_AMP == ""
+    assert defaults.MODEL.DiffusionDet.COMPILE_HEAD is False
+    assert defaults.MODEL.DiffusionDet.POOLER_THREADS == 0
+    assert defaults.MODEL.DiffusionDet.SKIP_UNUSED_CALLS is True
+
+    compiled = []  # torch.compile itself is too slow for this suite: record the calls only
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(kw))
+    cfg = tiny_cfg(
+        "MODEL.DiffusionDet.INFERENCE_AMP", "bf16",
+        "MODEL.DiffusionDet.COMPILE_HEAD", True,
+        "MODEL.DiffusionDet.POOLER_THREADS", 3,
+    )  # fmt: skip
+    model = build_model(cfg)
+    assert model.inference_amp == "bf16"
+    assert model.head.box_pooler.num_threads == 3
+    assert model.sampler.skip_unused_calls is True
+    assert compiled == [{"dynamic": True}] * cfg.MODEL.DiffusionDet.NUM_HEADS
+    with pytest.raises(ValueError, match="inference_amp"):
+        DiffusionDet(**{**DiffusionDet.from_config(tiny_cfg()), "inference_amp": "int8"})

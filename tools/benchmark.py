@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Speed of DiffusionDet inference and training: the fast path against a plain reference path,
+both measured in the same run on the same random-weight model.
+
+    python tools/benchmark.py                    # R-50-FPN, 512x512, CPU: about 6 min on 2 cores
+    python tools/benchmark.py --quick            # smoke run, about 1 min
+    python tools/benchmark.py --device cuda --image-size 800 --amp bf16 --compile
+
+Reference path (the official code's way): one image per call, detectron2's serial RoI pooling,
+the dynamic layer unchunked, all S model calls (the official ensemble ignores the last), fp32. Its images/s is measured once per (steps, boxes) with batch 1;
+at batch B it is B such calls, so the same rate applies. Fast path: the model's defaults, B
+images per call. Every image draws its noise from its own seeded generator, so both paths see the
+same noise and "max |Δbox|" / "max |Δscore|" compare image 0's detections across the two paths:
+0 = identical, inf = different detection sets. Batched runs can differ in the last float bits
+(oneDNN convolutions and ATen's vectorised elementwise kernels round differently per batch size)
+and a random-weight head amplifies that; AMP rows are approximate by design, so "same top-100"
+also reports how many of the reference's best detections are found again.
+
+Shape legend: B images per call, N boxes per image, S DDIM steps (model calls).
+"""
+import argparse
+import copy
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances, pairwise_iou
+
+from diffusiondet.diffusion import TorchRandom
+from diffusiondet.engine import build_config, build_optimizer
+
+FULL_CASES = ((1, 300), (4, 300), (1, 1000), (4, 1000), (4, 2000))
+QUICK_CASES = ((1, 300), (4, 300))
+UNCHUNKED = 1 << 30  # a DynamicConv chunk larger than any B·N: the official single GEMM
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", default="configs/diffdet.coco.res50.yaml")
+    parser.add_argument("--image-size", type=int, default=512, help="square input side (pixels)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (median)")
+    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
+    parser.add_argument(
+        "--amp", default="bf16", choices=["", "bf16", "fp16"],
+        help="also time INFERENCE_AMP at batch 1 ('' = no AMP rows)",
+    )  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="also time COMPILE_HEAD at batch 1")
+    parser.add_argument("--train-iters", type=int, default=1, help="timed training iterations")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke run: steps/boxes (1,300),(4,300), batches 1 and 2, 384 px",
+    )  # fmt: skip
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser.parse_args()
+
+
+class PeakMemory:
+    """Peak memory of a code block: CUDA allocator peak, or the process's peak RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _status_mb(field: str) -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    @contextmanager
+    def measure(self, result: dict):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            try:  # Linux: "5" resets the peak RSS (VmHWM) of this process
+                with open("/proc/self/clear_refs", "w") as clear:
+                    clear.write("5")
+                base = self._status_mb("VmRSS")
+            except OSError:
+                base = None
+        yield
+        if self.cuda:
+            result["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            result["peak_mb"] = float("nan") if base is None else self._status_mb("VmHWM") - base
+
+
+class HeadTimer:
+    """Wall time spent inside the attached heads' forward (hooks; synchronises CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.total, self._start, self.device = 0.0, 0.0, device
+
+    def attach(self, head: torch.nn.Module) -> None:
+        head.register_forward_pre_hook(lambda *_: self._tick(start=True))
+        head.register_forward_hook(lambda *_: self._tick(start=False))
+
+    def _tick(self, start: bool):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if start:
+            self._start = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._start
+
+
+def set_path(model, reference: bool, amp: str = "") -> None:
+    """Switch ``model`` between the reference and the fast path in place (weights untouched)."""
+    model.head.set_speed_options(
+        dynamic_chunk_size=UNCHUNKED if reference else 0, pooler_threads=1 if reference else 0
+    )
+    model.sampler.skip_unused_calls = not reference
+    model.inference_amp = amp
+
+
+def random_images(count: int, size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, size, size)
+    return [{"image": torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)}
+            for _ in range(count)]  # fmt: skip
+
+
+def per_image_rngs(count: int):
+    return [TorchRandom(generator=torch.Generator().manual_seed(seed)) for seed in range(count)]
+
+
+def timed_inference(model, images, head_timer, memory, repeats, warmup=False):
+    """Median seconds (whole call, head only) of ``model.inference``; peak MB; the outputs."""
+    walls, heads, result = [], [], {}
+    if warmup:  # torch.compile compiles on the first calls of each shape
+        model.inference(images, per_image_rng=per_image_rngs(len(images)))
+    for _ in range(repeats):
+        head_timer.total = 0.0
+        with memory.measure(result):
+            start = time.perf_counter()
+            outputs = model.inference(images, per_image_rng=per_image_rngs(len(images)))
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            walls.append(time.perf_counter() - start)
+        heads.append(head_timer.total)
+    return statistics.median(walls), statistics.median(heads), result["peak_mb"], outputs
+
+
+def detection_difference(a: Instances, b: Instances):
+    """(max |Δbox|, max |Δscore|) of two detection sets; inf if their sizes or classes differ."""
+    if len(a) != len(b) or not torch.equal(a.pred_classes, b.pred_classes):
+        return float("inf"), float("inf")
+    if len(a) == 0:
+        return 0.0, 0.0
+    box = (a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max().item()
+    return box, (a.scores - b.scores).abs().max().item()
+
+
+def shared_fraction(a: Instances, b: Instances, top: int = 100, min_iou: float = 0.9) -> float:
+    """Share of b's ``top`` best detections that ``a`` also has (same class, IoU >= min_iou)."""
+    order = torch.argsort(b.scores, descending=True)[:top]
+    if len(order) == 0:
+        return 1.0
+    if len(a) == 0:
+        return 0.0
+    iou = pairwise_iou(b.pred_boxes[order], a.pred_boxes)  # (top, len(a))
+    same_class = b.pred_classes[order][:, None] == a.pred_classes[None, :]
+    return ((iou >= min_iou) & same_class).any(dim=1).float().mean().item()
+
+
+def benchmark_inference(model, compiled, args, cases, batches, head_timer, memory):
+    """One row per (mode, steps, boxes, batch); the reference runs once per (steps, boxes)."""
+    rows = []
+    images = random_images(max(batches), args.image_size)
+    for steps, boxes in cases:
+        for m in (model, compiled):
+            if m is not None:
+                m.sampler.steps, m.eval_num_proposals = steps, boxes
+        set_path(model, reference=True)
+        ref_wall, ref_head, ref_mem, ref_out = timed_inference(
+            model, images[:1], head_timer, memory, args.repeats
+        )
+        reference = ref_out[0]["instances"]
+        modes = [("fast", b, "") for b in batches]
+        modes += [(f"fast+{args.amp}", 1, args.amp)] if args.amp else []
+        modes += [("fast+compile", 1, "compile")] if compiled is not None else []
+        for mode, batch, amp in modes:
+            run_model = compiled if amp == "compile" else model
+            set_path(run_model, reference=False, amp="" if amp == "compile" else amp)
+            wall, head, mem, out = timed_inference(
+                run_model, images[:batch], head_timer, memory, args.repeats, amp == "compile"
+            )
+            fast = out[0]["instances"]
+            dbox, dscore = detection_difference(fast, reference)
+            rows.append(dict(
+                mode=mode, steps=steps, boxes=boxes, batch=batch, dbox=dbox, dscore=dscore,
+                ips=batch / wall, ref_ips=1 / ref_wall, head_ips=batch / head,
+                ref_head_ips=1 / ref_head, shared=shared_fraction(fast, reference),
+                mem=mem, ref_mem=ref_mem,
+            ))  # fmt: skip
+            print(f"  {mode} S={steps} N={boxes} B={batch}: {wall:.2f} s "
+                  f"(reference {ref_wall * batch:.2f} s)", flush=True)  # fmt: skip
+    return rows
+
+
+def benchmark_training(cfg, model, args) -> float:
+    """Training iterations/s of the default path (batch 2, one untimed warm-up iteration)."""
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    g = torch.Generator().manual_seed(1)
+    size, num_gt = args.image_size, 8
+    batch = []
+    for image in random_images(2, size, seed=1):
+        xy = torch.rand(num_gt, 2, generator=g) * size * 0.6
+        wh = 16 + torch.rand(num_gt, 2, generator=g) * size * 0.3
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        num_classes = cfg.MODEL.DiffusionDet.NUM_CLASSES
+        inst.gt_classes = torch.randint(0, num_classes, (num_gt,), generator=g)
+        batch.append(dict(image, instances=inst))
+    times = []
+    for _ in range(args.train_iters + 1):
+        start = time.perf_counter()
+        losses = model(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    model.eval()
+    return args.train_iters / sum(times[1:])
+
+
+def print_table(rows, args, backbone_s, train_ips, model) -> None:
+    size = f"{args.image_size}x{args.image_size}"
+    print(f"\n## DiffusionDet benchmark: {args.config_file}, {size}, device {args.device}, "
+          f"torch threads {torch.get_num_threads()}, repeats {args.repeats}, random weights\n")
+    print(f"Backbone alone, 1 image: {backbone_s:.2f} s. head img/s = images / time inside the "
+          "head (all steps). peak MB = peak memory above the level before the call (CPU: "
+          "process RSS). same top-100 = share of the reference's 100 best detections found "
+          "again (same class, IoU >= 0.9).\n")
+    print("| mode | steps | boxes | batch | img/s fast | img/s ref | ratio | head img/s fast "
+          "| head img/s ref | head ratio | max abs Δbox | max abs Δscore | same top-100 "
+          "| peak MB fast | peak MB ref |")
+    print("|" + " --- |" * 15)
+    for r in rows:
+        print(f"| {r['mode']} | {r['steps']} | {r['boxes']} | {r['batch']} | {r['ips']:.3f} "
+              f"| {r['ref_ips']:.3f} | {r['ips'] / r['ref_ips']:.2f} | {r['head_ips']:.3f} "
+              f"| {r['ref_head_ips']:.3f} | {r['head_ips'] / r['ref_head_ips']:.2f} "
+              f"| {r['dbox']:.1e} | {r['dscore']:.1e} | {r['shared']:.0%} | {r['mem']:.0f} "
+              f"| {r['ref_mem']:.0f} |")
+    if train_ips is not None:
+        print(f"\nTraining: {train_ips:.3f} iterations/s (batch 2, {size}, "
+              f"{model.num_proposals} proposals, default path)")
+
+
+def main():
+    args = parse_args()
+    cases = QUICK_CASES if args.quick else FULL_CASES
+    if args.quick:
+        args.batches, args.image_size = "1,2", 384
+    batches = [int(b) for b in args.batches.split(",")]
+    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device] + args.opts
+    cfg = build_config(args.config_file, opts)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    compiled = None
+    if args.compile:  # a copy, so that the reference path stays eager
+        compiled = copy.deepcopy(model)
+        for stage in compiled.head.head_series:
+            stage.compile(dynamic=True)
+    head_timer = HeadTimer(model.device)
+    for m in (model, compiled):
+        if m is not None:
+            head_timer.attach(m.head)
+    memory = PeakMemory(model.device)
+
+    # Warm-up (allocator, MKL / cuDNN plans) on a tiny case, then the backbone alone.
+    model.sampler.steps, model.eval_num_proposals = 1, 50
+    model.inference(random_images(1, args.image_size))
+    with torch.no_grad():
+        images, _ = model.preprocess_image(random_images(1, args.image_size))
+        start = time.perf_counter()
+        model.extract_features(images)
+        backbone_s = time.perf_counter() - start
+
+    rows = benchmark_inference(model, compiled, args, cases, batches, head_timer, memory)
+    train_ips = benchmark_training(cfg, model, args) if args.train_iters > 0 else None
+    print_table(rows, args, backbone_s, train_ips, model)
+
+
+if __name__ == "__main__":
+    main()
