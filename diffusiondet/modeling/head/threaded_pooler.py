@@ -4,7 +4,7 @@ Shape legend: B images, M RoIs of the batch (image-major), D channels, R pooled 
 L feature levels. Boxes are abs xyxy in the un-padded input image frame.
 
 Why: torchvision's CPU ``roi_align`` kernel is single-threaded and, at inference, is the largest
-single cost of the head (≈ 40-50 % of a head call at 1000 boxes on a 2-core CPU). The kernel
+single cost of the head (25-50 % of a head call at 1000 boxes on a 2-core CPU). The kernel
 releases the GIL and every RoI is computed independently, so pooling disjoint RoI subsets in
 parallel threads gives bit-identical outputs. detectron2's ``ROIPooler`` also zero-fills the
 (M, D, R, R) output before scattering each level into it; here every row is written exactly once,
@@ -12,7 +12,7 @@ so the buffer is left uninitialised.
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.modeling.poolers import (
@@ -25,7 +25,7 @@ from detectron2.structures import Boxes
 __all__ = ["ThreadedROIPooler"]
 
 _executor_lock = threading.Lock()
-_executor: Tuple[int, ThreadPoolExecutor] = (0, None)
+_executor: Tuple[int, Optional[ThreadPoolExecutor]] = (0, None)
 
 
 def _shared_executor(num_workers: int) -> ThreadPoolExecutor:
