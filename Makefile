@@ -11,8 +11,11 @@ env:
 demo: env
 	$(PY) tools/run_main_job.py
 
+# Then the CPU-sensitive tests again as an AVX2-only machine with one thread (the instruction set
+# and blocking of another CPU); the wrapper fails if MKL, oneDNN or ATen ignore the settings.
 test: env
 	$(PY) -m pytest -q
+	$(PY) -m diffusiondet.utils.cpu_info --emulate-avx2 -- $(PY) -m pytest -q -m numerics
 
 benchmark: env
 	$(PY) tools/benchmark.py

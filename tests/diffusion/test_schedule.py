@@ -12,6 +12,10 @@ from diffusiondet.diffusion import (
 )
 
 
+# Float results depend on the CPU's kernels: re-run under the AVX2 one-thread settings.
+pytestmark = pytest.mark.numerics
+
+
 @pytest.fixture(scope="module")
 def buffers():
     return diffusion_buffers(cosine_beta_schedule(1000))

@@ -79,19 +79,29 @@ def test_threaded_pooler_under_autocast_and_empty_input():
         )
 
 
-def _head():
+def _head(tame=False):
     head = DynamicHead(
         num_classes=3, in_channels=16, hidden_dim=16, dim_feedforward=32, nhead=2,
         num_stages=3, dim_dynamic=4, pooler_scales=SCALES,
     )  # fmt: skip
+    if tame:
+        # Small box refinements, as in a trained model (and the official v2 fixture): a random
+        # head grows boxes to thousands of px and amplifies every rounding difference ~20x per
+        # stage, so a tolerance would have to be loose enough to hide real bugs.
+        with torch.no_grad():
+            for stage in head.head_series:
+                stage.bboxes_delta.weight.mul_(0.05)
+                stage.bboxes_delta.bias.zero_()
     return head.eval()
 
 
 @torch.no_grad()
-def test_head_fast_options_equal_reference_options():
+def test_threaded_pooling_in_the_head_is_bit_identical():
+    # Identical by construction: every RoI is pooled by the same kernel on the same data, only
+    # the thread that does it changes.
     head = _head()
     features, boxes, t = _features(2), _multi_level_boxes(2, 30), torch.tensor([999, 999])
-    head.set_speed_options(dynamic_chunk_size=UNCHUNKED, pooler_threads=1)
+    head.set_speed_options(dynamic_chunk_size=7, pooler_threads=1)
     ref = head(features, boxes, t)
     head.set_speed_options(dynamic_chunk_size=7, pooler_threads=2)
     out = head(features, boxes, t)
@@ -101,17 +111,43 @@ def test_head_fast_options_equal_reference_options():
         head.set_speed_options(dynamic_chunk_size=0, pooler_threads=-1)
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("chunk_size", [1, 7, 16])
 @torch.no_grad()
-def test_head_batch_with_shared_timestep_is_bit_identical_to_single_images():
-    # float32: the time embedding is computed once per distinct t, so a batch sampled at one
-    # timestep (as at inference) needs no tolerance.
-    head = _head()
+def test_dynamic_conv_chunking_agrees_with_one_chunk(chunk_size):
+    # Not identical by construction: MKL picks GEMM kernels (and so the summation order) by the
+    # number of rows, which the chunk size changes. Measured max differences over the 3 stages
+    # (tame head, chunks 1 and 7): 0 on an AVX-512 Xeon, logits 4.1e-5 / boxes 6.1e-5 px / features
+    # 4.2e-5 with ATen avx2 or default, MKL AVX2, one thread. Tolerances are ~5x that; a chunk
+    # boundary bug moves values by O(1).
+    head = _head(tame=True)
+    features, boxes, t = _features(2), _multi_level_boxes(2, 30), torch.tensor([999, 999])
+    head.set_speed_options(dynamic_chunk_size=UNCHUNKED, pooler_threads=1)
+    ref = head(features, boxes, t)
+    head.set_speed_options(dynamic_chunk_size=chunk_size, pooler_threads=1)
+    out = head(features, boxes, t)
+    atol = {"pred_logits": 2e-4, "obj_features": 2e-4, "pred_boxes": 3e-4}  # boxes in px (~300)
+    assert set(out) == set(atol)
+    for key, tol in atol.items():
+        torch.testing.assert_close(out[key], ref[key], atol=tol, rtol=1e-6, msg=key)
+
+
+@pytest.mark.numerics
+@torch.no_grad()
+def test_head_batch_with_shared_timestep_agrees_with_single_images():
+    # The time embedding is computed once per distinct t, and attention runs per image, so a
+    # batch at one timestep differs from each image alone only through the GEMM row counts
+    # (B·N vs N rows), which may change MKL's kernel choice. Measured 0 difference on an AVX-512
+    # Xeon and under the AVX2 one-thread settings; the tolerance allows the last bits of another
+    # CPU (stage 0 differs by <= 1 ulp, then amplified by the tame head's 3 stages).
+    head = _head(tame=True)
     features, boxes, t = _features(2), _multi_level_boxes(2, 30), torch.tensor([500, 500])
     batched = head(features, boxes, t)
     for i in range(2):
         single = head([f[i : i + 1] for f in features], boxes[i : i + 1], t[i : i + 1])
         for key in batched:
-            assert torch.equal(single[key][:, 0], batched[key][:, i]), key
+            torch.testing.assert_close(single[key][:, 0], batched[key][:, i], atol=2e-4,
+                                       rtol=1e-6, msg=key)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +163,7 @@ def _infer(model, inputs, seeds):
     return [r["instances"] for r in model.inference(inputs, per_image_rng=rngs)]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("steps", [1, 3])
 def test_fast_model_equals_reference_batch1_loop(model, steps, monkeypatch):
     model = copy.deepcopy(model)
@@ -148,13 +185,15 @@ def test_fast_model_equals_reference_batch1_loop(model, steps, monkeypatch):
     model.head.set_speed_options(dynamic_chunk_size=UNCHUNKED, pooler_threads=1)
     model.sampler.skip_unused_calls = False
     reference = [_infer(model, [x], [s])[0] for x, s in zip(inputs, [7, 8])]
-    # Not bit-exact: ATen's vectorised elementwise kernels (sigmoid, exp) evaluate the tail of
-    # a tensor with the scalar formula, so an element can round by 1 ulp differently when the
-    # batch size moves it out of the tail.
+    # Not bit-exact: batch 2 changes GEMM row counts (MKL kernel choice), and ATen's vectorised
+    # elementwise kernels (sigmoid, exp) evaluate the tail of a tensor with the scalar formula,
+    # so an element can round by 1 ulp differently when the batch size moves it out of the tail.
+    # This random-weight head amplifies that: measured max |Δbox| 0 on an AVX-512 Xeon and
+    # 1.7e-4 px (boxes ~60 px) under the AVX2 one-thread settings; tolerance 1e-3 px.
     for a, b in zip(fast, reference):
         assert len(a) == len(b) > 0
         assert torch.equal(a.pred_classes, b.pred_classes)
-        torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3, rtol=1e-6)
         torch.testing.assert_close(a.scores, b.scores, atol=1e-7, rtol=1e-6)
 
 
