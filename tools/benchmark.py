@@ -21,6 +21,7 @@ Shape legend: B images per call, N boxes per image, S DDIM steps (model calls).
 import argparse
 import copy
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 
@@ -31,6 +32,7 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from diffusiondet.diffusion import TorchRandom
 from diffusiondet.engine import build_config, build_optimizer
+from diffusiondet.utils.cpu_info import describe_cpu
 
 FULL_CASES = ((1, 300), (4, 300), (1, 1000), (4, 1000), (4, 2000))
 QUICK_CASES = ((1, 300), (4, 300))
@@ -56,6 +58,10 @@ def parse_args():
         "--quick", action="store_true",
         help="smoke run: steps/boxes (1,300),(4,300), batches 1 and 2, 384 px",
     )  # fmt: skip
+    parser.add_argument("--chunk-sweep", action="store_true",
+                        help="time DynamicConv at several chunk sizes instead (tools/chunk_sweep.py)")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="with --chunk-sweep: run as an AVX2-only machine with one thread")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args()
 
@@ -238,7 +244,7 @@ def benchmark_training(cfg, model, args) -> float:
 def print_table(rows, args, backbone_s, train_ips, model) -> None:
     size = f"{args.image_size}x{args.image_size}"
     print(f"\n## DiffusionDet benchmark: {args.config_file}, {size}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, repeats {args.repeats}, random weights\n")
+          f"{describe_cpu()}, repeats {args.repeats}, random weights\n")
     print(f"Backbone alone, 1 image: {backbone_s:.2f} s. head img/s = images / time inside the "
           "head (all steps). peak MB = peak memory above the level before the call (CPU: "
           "process RSS). same top-100 = share of the reference's 100 best detections found "
@@ -260,6 +266,10 @@ def print_table(rows, args, backbone_s, train_ips, model) -> None:
 
 def main():
     args = parse_args()
+    if args.chunk_sweep:
+        import chunk_sweep  # tools/ is on sys.path when this file runs as a script
+
+        return chunk_sweep.run(repeats=max(args.repeats, 5), emulate_avx2=args.emulate_avx2)
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.quick:
         args.batches, args.image_size = "1,2", 384
@@ -294,4 +304,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
