@@ -1,5 +1,9 @@
 """Replaying the official sampling recordings (fixture ``sampling[S]``) through DDIMBoxSampler.
 
+These are teacher-forced replays of v1, whose random-weight head is chaotic. The free-running,
+end-to-end golden tests of sampling (S = 1, 2, 4, 8, per-call inputs and outputs and final
+detections) use the tamed-head recording v2: see test_official_sampling_golden.py.
+
 Shape legend: N proposals (50), K classes (5), S sampling steps, M detections.
 Boxes: abs xyxy in image 0 of the fixture (h, w) = (96, 128); "signal" = (b·2 − 1)·2.
 
