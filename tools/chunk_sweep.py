@@ -16,9 +16,10 @@ import time
 import torch
 
 from diffusiondet.modeling.head import DynamicConv
+from diffusiondet.modeling.head.dynamic_conv import last_level_cache_bytes
 from diffusiondet.utils.cpu_info import AVX2_EMULATION_ENV, describe_cpu
 
-CHUNKS = (8, 16, 32, 64, 128, 256, 0)  # 0: one chunk (the official unchunked layer)
+CHUNKS = (16, 32, 64, 128, 256, 512, 1024, 0)  # 0: one chunk (the official unchunked layer)
 
 
 def sweep(num_props: int, repeats: int, chunks=CHUNKS):
@@ -27,10 +28,10 @@ def sweep(num_props: int, repeats: int, chunks=CHUNKS):
     g = torch.Generator().manual_seed(0)
     pro = torch.randn(num_props, 256, generator=g)
     roi = torch.randn(num_props, 49, 256, generator=g)
+    chunks = [c for c in chunks if c < num_props]  # larger ones are the same single chunk as 0
     best = {c: float("inf") for c in chunks}
     with torch.no_grad():
-        conv.chunk_size = 0
-        auto = conv.resolved_chunk_size(num_props, torch.float32, needs_grad=False)
+        auto = dynamic_auto(num_props)
         conv(pro, roi)  # warm-up: allocator, MKL buffers
         for _ in range(repeats):
             for c in chunks:
@@ -41,16 +42,22 @@ def sweep(num_props: int, repeats: int, chunks=CHUNKS):
     return best, auto
 
 
+def dynamic_auto(num_props: int) -> int:
+    conv = DynamicConv(hidden_dim=256, dim_dynamic=64, pooler_resolution=7)
+    return conv.resolved_chunk_size(num_props, torch.float32, needs_grad=False)
+
+
 def run(boxes=(500, 1000), repeats: int = 5, emulate_avx2: bool = False) -> int:
     if emulate_avx2:  # the settings act at start-up only: re-run this in a fresh process
         cmd = [sys.executable, os.path.abspath(__file__), "--repeats", str(repeats),
                "--boxes", ",".join(map(str, boxes))]  # fmt: skip
         return subprocess.run(cmd, env={**os.environ, **AVX2_EMULATION_ENV}).returncode
-    print(f"DynamicConv chunk sweep on {describe_cpu()}; best of {repeats}, fp32, inference")
+    print(f"DynamicConv chunk sweep on {describe_cpu()}; last-level cache "
+          f"{last_level_cache_bytes() >> 20} MB; best of {repeats}, fp32, inference")
     print("| boxes | chunk | generated MB/chunk | ms | vs best |")
     print("|---:|---:|---:|---:|---:|")
     for n in boxes:
-        best, auto = sweep(n, repeats)
+        best, auto = sweep(n, repeats, sorted(set(CHUNKS) | {dynamic_auto(n)}))
         fastest = min(best.values())
         for c, sec in sorted(best.items(), key=lambda kv: kv[0] or 1 << 30):
             size = c if c > 0 else n

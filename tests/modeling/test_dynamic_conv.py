@@ -2,6 +2,8 @@
 
 Shape legend: M proposals, P RoI bins, D hidden_dim, DD dim_dynamic.
 """
+import glob
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,11 +80,28 @@ def test_only_one_chunk_of_parameters_is_generated_at_a_time(monkeypatch):
     assert max(s[0] for s in generator) == 6
 
 
-def test_auto_chunk_size():
+@pytest.mark.parametrize(
+    "cache_mb, chunk", [(300, 128), (32, 128), (16, 64), (8, 32), (2, 32), (0, 128)]
+)
+def test_auto_chunk_size_follows_the_last_level_cache(monkeypatch, cache_mb, chunk):
+    # Half the last-level cache within [4, 16] MB; 0 = unknown cache -> 16 MB.
+    monkeypatch.setattr(dynamic_conv_module, "last_level_cache_bytes", lambda: cache_mb << 20)
     conv = DynamicConv(hidden_dim=256, dim_dynamic=64, pooler_resolution=7)
-    # 128 KiB of float32 parameters per proposal -> 64 proposals = 8 MiB per chunk.
-    assert conv.resolved_chunk_size(500, torch.float32, needs_grad=False) == 64
-    assert conv.resolved_chunk_size(500, torch.float64, needs_grad=False) == 32
+    # 128 KiB of float32 parameters per proposal.
+    assert conv.resolved_chunk_size(500, torch.float32, needs_grad=False) == chunk
+    assert conv.resolved_chunk_size(500, torch.float64, needs_grad=False) == chunk // 2
+
+
+def test_last_level_cache_is_read_from_sysfs():
+    size = dynamic_conv_module.last_level_cache_bytes()
+    if not glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        assert size == 0
+    else:
+        assert size >= 1 << 20  # every x86 CPU with a readable cache has at least 1 MB
+
+
+def test_one_chunk_with_autograd_or_off_cpu_and_explicit_sizes():
+    conv = DynamicConv(hidden_dim=256, dim_dynamic=64, pooler_resolution=7)
     # Autograd keeps every chunk's parameters anyway: one chunk is fastest.
     assert conv.resolved_chunk_size(500, torch.float32, needs_grad=True) == 500
     assert conv.resolved_chunk_size(500, torch.float32, needs_grad=False, on_cpu=False) == 500

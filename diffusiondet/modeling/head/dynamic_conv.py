@@ -3,18 +3,54 @@
 Shape legend: M = B·N proposals (all images flattened, image-major), P = pooler_resolution² RoI
 bins, D = hidden_dim, DD = dim_dynamic.
 """
+import functools
+import glob
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DynamicConv"]
+__all__ = ["DynamicConv", "auto_chunk_bytes", "last_level_cache_bytes"]
 
-# Bytes of generated parameters one chunk may hold at inference. Per proposal the dynamic layer
-# produces 2·D·DD values (128 KB at D=256, DD=64; 65 MB for 500 boxes). Measured on the 2-core
-# Xeon of this project (L2 2 MB/core, L3 105 MB), full head at 500 boxes: 1.5 MB chunks (12
-# boxes) 2.3-2.6 s, 8 MB (64) 1.6 s, 16 MB (128) 1.7 s, unchunked 1.9 s. Tiny chunks lose
-# because every chunk re-reads the whole 32 MB generator weight with a skinny GEMM.
-_AUTO_CHUNK_BYTES = 8 << 20
+# Most bytes of generated parameters one chunk holds at inference. Per proposal the dynamic layer
+# produces 2·D·DD values (128 KB at D=256, DD=64; 62.5 MB for 500 boxes). Smaller chunks re-read
+# the 32 MB generator weight once per chunk with skinnier GEMMs; bigger ones spill the generated
+# parameters out of cache before the bmm reads them. `tools/benchmark.py --chunk-sweep` on a
+# 2-core Xeon (L2 2 MB/core, L3 300 MB), natively (AVX-512, 2 threads) and as an AVX2 machine
+# (1 thread), 500 and 1000 boxes, two runs: 16 MB chunks were the fastest or within 6 % of it in
+# all four settings (8 MB: 1-13 % slower; one chunk: 4-38 % slower; run-to-run noise ~5 %).
+_MAX_CHUNK_BYTES = 16 << 20
+# Never below this, whatever the cache: tiny chunks re-read the generator weight too often.
+_MIN_CHUNK_BYTES = 4 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (Linux sysfs), or 0 when it cannot be read."""
+    sizes = []
+    for size_file in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(size_file) as f:
+                text = f.read().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=0)
+
+
+def auto_chunk_bytes() -> int:
+    """Generated-parameter bytes per chunk: half the last-level cache, within [4, 16] MB.
+
+    Half, so that a chunk's parameters and the RoI features they multiply stay cached together
+    on CPUs with small caches (an 8 MB L3 gets 4 MB chunks); 16 MB at most, as measured above.
+    """
+    cache = last_level_cache_bytes()
+    if cache <= 0:
+        return _MAX_CHUNK_BYTES
+    return max(_MIN_CHUNK_BYTES, min(_MAX_CHUNK_BYTES, cache // 2))
 
 
 class DynamicConv(nn.Module):
@@ -67,14 +103,14 @@ class DynamicConv(nn.Module):
         ``chunk_size`` if set. Otherwise all proposals at once when autograd will keep every
         chunk's parameters anyway (chunking would only make the GEMMs skinnier) or off-CPU (a
         GPU wants big batched GEMMs, not cache-sized ones); else as many as fit
-        ``_AUTO_CHUNK_BYTES`` of generated parameters.
+        :func:`auto_chunk_bytes` of generated parameters (sized from the CPU's caches).
         """
         if self.chunk_size > 0:
             return self.chunk_size
         if needs_grad or not on_cpu:
             return max(1, num_props)
         bytes_per_proposal = 2 * self.num_params * torch.finfo(dtype).bits // 8
-        return max(1, _AUTO_CHUNK_BYTES // bytes_per_proposal)
+        return max(1, auto_chunk_bytes() // bytes_per_proposal)
 
     def forward(self, pro_features: torch.Tensor, roi_features: torch.Tensor) -> torch.Tensor:
         """
