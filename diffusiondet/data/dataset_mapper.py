@@ -6,8 +6,11 @@ Boxes come in any detectron2 ``BoxMode`` (COCO json: abs xywh) and leave as abs 
 
 Bad input never crashes training: an unreadable, missing or wrongly sized image is logged and the
 mapper returns None, so detectron2's ``MapDataset`` substitutes another sample; annotations with
-non-finite or negative-size boxes are dropped with a warning. At test time the same image problems
-raise :class:`ImageLoadError`, because an evaluation must not silently skip images.
+malformed, non-finite or empty boxes, or boxes lying entirely outside the image, are dropped and
+boxes reaching more than a pixel beyond it are clipped, with one warning per image naming the file
+and the counts. At test time the same image problems raise :class:`ImageLoadError`, because an
+evaluation must not silently skip images. Images are read by :mod:`.image_io` (EXIF orientation
+applied, 16-bit grayscale reduced to 8 bits, Pillow's decompression-bomb limit kept).
 """
 import copy
 import importlib.util
@@ -24,6 +27,7 @@ from detectron2.structures import BoxMode, Instances
 from PIL import Image
 
 from .augmentation import RandomChoiceOfAugmentations, build_diffusiondet_train_augmentation
+from .image_io import check_image_size, read_image
 
 __all__ = ["DiffusionDetDatasetMapper", "ImageLoadError"]
 
@@ -135,8 +139,8 @@ class DiffusionDetDatasetMapper:
         """(H0, W0, C) uint8 image, or None (training) / ImageLoadError (test) when unusable."""
         file_name = dataset_dict["file_name"]
         try:
-            image = utils.read_image(file_name, format=self.image_format)
-            utils.check_image_size(dataset_dict, image)
+            image = read_image(file_name, format=self.image_format)
+            check_image_size(dataset_dict, image)
         except _IMAGE_ERRORS as e:
             if not self.is_train:
                 raise ImageLoadError(f"Cannot use evaluation image '{file_name}': {e}") from e
@@ -153,14 +157,9 @@ class DiffusionDetDatasetMapper:
         file_name: str,
     ) -> Instances:
         annotations = [a for a in annotations if a.get("iscrowd", 0) == 0]
-        valid = _valid_box_mask(annotations)
-        if not valid.all():
-            logger.warning(
-                "'%s': dropped %d annotation(s) with a malformed, non-finite or negative-size box",
-                file_name,
-                int((~valid).sum()),
-            )
-        annotations = [a for a, ok in zip(annotations, valid) if ok]
+        status = _box_status(annotations, original_hw)
+        _warn_about_boxes(status, original_hw, file_name)
+        annotations = [a for a, code in zip(annotations, status) if code in (_OK, _CLIPPED)]
         for anno in annotations:
             anno.pop("keypoints", None)
             if not self.mask_on:
@@ -182,20 +181,55 @@ class DiffusionDetDatasetMapper:
         return utils.filter_empty_instances(instances)
 
 
-def _valid_box_mask(annotations: List[dict]) -> np.ndarray:
-    """(M,) bool: the annotation has 4 finite box numbers with non-negative width and height."""
-    keep = np.zeros(len(annotations), dtype=bool)
+# _box_status codes.
+_OK, _INVALID, _OUTSIDE, _CLIPPED = 0, 1, 2, 3
+# Boxes may overshoot the image by this much (pixels) without a warning: float rounding in
+# COCO-style jsons routinely gives x + w = width + 0.01.
+_CLIP_TOLERANCE = 1.0
+
+
+def _box_status(annotations: List[dict], image_hw: Sequence[int]) -> np.ndarray:
+    """(M,) int8 per annotation: _OK; _INVALID (malformed, non-finite, relative-mode or empty
+    box); _OUTSIDE (no overlap with the (H0, W0) image); _CLIPPED (reaches beyond it)."""
+    height, width = image_hw
+    status = np.full(len(annotations), _INVALID, dtype=np.int8)
     for i, anno in enumerate(annotations):
         try:
             box = np.asarray(anno["bbox"], dtype=np.float64)
-            mode = anno["bbox_mode"]
-        except (KeyError, TypeError, ValueError):
+            if box.shape != (4,) or not np.isfinite(box).all():
+                continue
+            # abs xyxy; relative modes raise AssertionError in detectron2
+            x0, y0, x1, y1 = BoxMode.convert(box[None], anno["bbox_mode"], BoxMode.XYXY_ABS)[0]
+        except (KeyError, TypeError, ValueError, AssertionError):
             continue
-        if box.shape != (4,) or not np.isfinite(box).all():
+        if not (x1 > x0 and y1 > y0):
             continue
-        x0, y0, x1, y1 = BoxMode.convert(box[None], mode, BoxMode.XYXY_ABS)[0]  # abs xyxy
-        keep[i] = x1 >= x0 and y1 >= y0
-    return keep
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            status[i] = _OUTSIDE
+        elif min(x0, y0) < -_CLIP_TOLERANCE or x1 > width + _CLIP_TOLERANCE or (
+            y1 > height + _CLIP_TOLERANCE
+        ):
+            status[i] = _CLIPPED
+        else:
+            status[i] = _OK
+    return status
+
+
+def _warn_about_boxes(status: np.ndarray, image_hw: Sequence[int], file_name: str) -> None:
+    counts = {code: int((status == code).sum()) for code in (_INVALID, _OUTSIDE, _CLIPPED)}
+    parts = []
+    if counts[_INVALID]:
+        parts.append(
+            f"dropped {counts[_INVALID]} annotation(s) with a malformed, non-finite, negative- "
+            "or zero-size box"
+        )
+    size = f"{image_hw[1]}x{image_hw[0]} (WxH)"
+    if counts[_OUTSIDE]:
+        parts.append(f"dropped {counts[_OUTSIDE]} box(es) lying entirely outside the {size} image")
+    if counts[_CLIPPED]:
+        parts.append(f"clipped {counts[_CLIPPED]} box(es) reaching beyond the {size} image")
+    if parts:
+        logger.warning("'%s': %s", file_name, "; ".join(parts))
 
 
 def _contains_crop(augmentations) -> bool:

@@ -144,3 +144,82 @@ def test_validate_reports_bad_roots_and_bad_json(tmp_path):
     no_categories.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(ValueError, match="categories"):
         validate_coco_json(str(no_categories), image_root)
+
+
+def _rewrite(json_file, edit):
+    with open(json_file) as f:
+        coco = json.load(f)
+    coco = edit(coco) or coco
+    with open(json_file, "w") as f:
+        json.dump(coco, f)
+
+
+def _expect_both(json_file, image_root, name, match):
+    """validate_coco_json and loading a registered name must both raise ValueError(match)."""
+    with pytest.raises(ValueError, match=match):
+        validate_coco_json(json_file, image_root)
+    register_coco_json(name, json_file, image_root)
+    with pytest.raises(ValueError, match=match):
+        DatasetCatalog.get(name)
+
+
+def test_duplicate_image_ids_are_named(tmp_path, unique_name):
+    json_file, image_root = _write_coco(tmp_path)
+    # Without the check, pycocotools keeps one of the two images and gives it both's annotations.
+    _rewrite(json_file, lambda coco: coco["images"][1].update(id=1))
+    match = r"instances\.json.*duplicate images id \[1\]"
+    _expect_both(json_file, image_root, unique_name(), match)
+
+
+def test_unknown_category_id_is_named_with_the_file(tmp_path, unique_name):
+    json_file, image_root = _write_coco(tmp_path)
+    _rewrite(json_file, lambda coco: coco["annotations"][2].update(category_id=42))
+    _expect_both(json_file, image_root, unique_name(), r"instances\.json.*category_id \[42\]")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda coco: coco["images"], r"top level is a list"),
+        (lambda coco: coco.pop("images") and None, r"missing \['images'\]"),
+        (lambda coco: coco.update(annotations={}), r"'annotations' must be a list"),
+        (lambda coco: coco["images"][0].pop("height") and None, r"images\[0\] lacks \['height'\]"),
+        (lambda coco: coco["annotations"][1].update(id=1), r"duplicate annotations id \[1\]"),
+        (lambda coco: coco["categories"][1].update(id=3), r"duplicate categories id \[3\]"),
+    ],
+    ids=["list", "no_images", "annotations_dict", "no_height", "dup_annotation", "dup_category"],
+)
+def test_json_that_is_not_coco_is_named(tmp_path, unique_name, edit, match):
+    json_file, image_root = _write_coco(tmp_path)
+    _rewrite(json_file, edit)
+    _expect_both(json_file, image_root, unique_name(), r"instances\.json.*" + match)
+
+
+def test_json_edited_after_validation_is_checked_again_at_load(tmp_path, unique_name):
+    json_file, image_root = _write_coco(tmp_path)
+    validate_coco_json(json_file, image_root)
+    name = unique_name()
+    register_coco_json(name, json_file, image_root)
+    assert len(DatasetCatalog.get(name)) == 2
+    _rewrite(json_file, lambda coco: coco["images"].append(dict(coco["images"][0])))
+    with pytest.raises(ValueError, match=r"duplicate images id \[1\]"):
+        DatasetCatalog.get(name)
+
+
+def test_crowd_objects_stay_in_the_dataset_dicts(tmp_path, unique_name):
+    json_file, image_root = _write_coco(tmp_path)
+    crowd = {"id": 9, "image_id": 2, "category_id": 3, "iscrowd": 1, "bbox": [1, 1, 8, 6]}
+    _rewrite(json_file, lambda coco: coco["annotations"].append(crowd))
+    name = unique_name()
+    register_coco_json(name, json_file, image_root)
+    annos = DatasetCatalog.get(name)[1]["annotations"]
+    flags_and_boxes = [(a.get("iscrowd", 0), a["bbox"]) for a in annos]
+    assert flags_and_boxes == [(0, [2, 3, 10, 8]), (1, [1, 1, 8, 6])]
+
+
+def test_annotations_of_unlisted_images_are_logged(tmp_path, caplog):
+    json_file, image_root = _write_coco(tmp_path)
+    orphan = {"id": 9, "image_id": 77, "category_id": 3, "bbox": [1, 1, 8, 6]}
+    _rewrite(json_file, lambda coco: coco["annotations"].append(orphan))
+    assert validate_coco_json(json_file, image_root) == 2
+    assert "instances.json" in caplog.text and "image_id [77]" in caplog.text

@@ -6,10 +6,11 @@ from .builtin import (
     register_all_builtin,
     register_synthetic_crowd,
 )
-from .coco_json import register_coco_json, validate_coco_json
+from .coco_json import check_coco_dict, register_coco_json, validate_coco_json
 
 __all__ = [
     "SYNTHETIC_CROWD_SPLITS",
+    "check_coco_dict",
     "datasets_root",
     "ensure_synthetic_crowd",
     "register_all_builtin",
