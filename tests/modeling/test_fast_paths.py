@@ -189,12 +189,13 @@ def test_fast_model_equals_reference_batch1_loop(model, steps, monkeypatch):
     # elementwise kernels (sigmoid, exp) evaluate the tail of a tensor with the scalar formula,
     # so an element can round by 1 ulp differently when the batch size moves it out of the tail.
     # This random-weight head amplifies that: measured max |Δbox| 0 on an AVX-512 Xeon and
-    # 1.7e-4 px (boxes ~60 px) under the AVX2 one-thread settings; tolerance 1e-3 px.
+    # 1.7e-4 px (boxes ~60 px), max |Δscore| 4.2e-7 under the AVX2 one-thread settings;
+    # tolerances 1e-3 px and 5e-6.
     for a, b in zip(fast, reference):
         assert len(a) == len(b) > 0
         assert torch.equal(a.pred_classes, b.pred_classes)
         torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3, rtol=1e-6)
-        torch.testing.assert_close(a.scores, b.scores, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(a.scores, b.scores, atol=5e-6, rtol=0)
 
 
 @pytest.mark.parametrize("steps, ensemble, calls", [(1, "official", 1), (2, "official", 1),
