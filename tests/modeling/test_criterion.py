@@ -1,4 +1,6 @@
 """Set criterion tests: official parity, key sets, empty / degenerate inputs, federated loss."""
+import math
+
 import pytest
 import torch
 
@@ -78,22 +80,32 @@ def test_without_deep_supervision_only_final_stage(parity, parity_losses):
 
 
 def test_hand_computed_single_pair():
-    # one query (0,0,10,10) and one GT (0,0,20,20) in a 100x100 image: the query must match
+    # One query (0,0,10,10) and one GT (0,0,20,30) of class 1 in a 100 x 40 (w x h) image: the
+    # query must match. The image is not square and the box offsets differ in x and y, so the L1
+    # term tells (w, h) from (h, w); the logits are not 0, so the focal term tells α from 1 − α.
+    x_neg, x_pos = 1.0, -0.5  # logits of class 0 (negative for this query) and class 1 (its GT)
     outputs = {
-        "pred_logits": torch.tensor([[[[0.0, 0.0]]]]),  # (S=1, B=1, N=1, K=2)
+        "pred_logits": torch.tensor([[[[x_neg, x_pos]]]]),  # (S=1, B=1, N=1, K=2)
         "pred_boxes": torch.tensor([[[[0.0, 0.0, 10.0, 10.0]]]]),
     }
     target = {
         "labels": torch.tensor([1]),
-        "boxes_xyxy": torch.tensor([[0.0, 0.0, 20.0, 20.0]]),
-        "image_size_xyxy": torch.tensor([100.0, 100.0, 100.0, 100.0]),
+        "boxes_xyxy": torch.tensor([[0.0, 0.0, 20.0, 30.0]]),
+        "image_size_xyxy": torch.tensor([100.0, 40.0, 100.0, 40.0]),
     }
     losses = make_criterion(num_classes=2)(outputs, [target])
-    assert losses["loss_bbox"].item() == pytest.approx(5 * (0.1 + 0.1), rel=1e-5)
-    assert losses["loss_giou"].item() == pytest.approx(2 * (1 - 100 / 400), rel=1e-5)
-    # focal at p = 0.5: positive alpha*0.25*ln2, negative (1-alpha)*0.25*ln2
-    focal = 0.25 * 0.25 * 0.6931472 + 0.75 * 0.25 * 0.6931472
-    assert losses["loss_ce"].item() == pytest.approx(2 * focal, rel=1e-5)
+    # L1 on normalised xyxy: |10 - 20| / 100 + |10 - 30| / 40 = 0.6 ((h, w) would give 0.45).
+    assert losses["loss_bbox"].item() == pytest.approx(5 * 0.6, rel=1e-5)
+    # GIoU: intersection 100 = union 600 / 6, enclosing box = union.
+    assert losses["loss_giou"].item() == pytest.approx(2 * (1 - 100 / 600), rel=1e-5)
+    # Focal loss, α = 0.25, γ = 2: FL = -α (1 - p)^γ ln p for the positive class,
+    # -(1 - α) p^γ ln(1 - p) for the negative one (p = sigmoid(logit)); divided by 1 positive.
+    alpha, gamma = 0.25, 2.0
+    p_pos, p_neg = 1 / (1 + math.exp(-x_pos)), 1 / (1 + math.exp(-x_neg))
+    positive = -alpha * (1 - p_pos) ** gamma * math.log(p_pos)
+    negative = -(1 - alpha) * p_neg**gamma * math.log(1 - p_neg)
+    assert positive + negative == pytest.approx(0.62075413, rel=1e-6)  # α and 1 − α: 0.45853
+    assert losses["loss_ce"].item() == pytest.approx(2 * (positive + negative), rel=1e-5)
 
 
 def test_all_images_empty_gives_finite_connected_losses():

@@ -35,8 +35,32 @@ def test_training_losses_finite_with_empty_and_degenerate_targets(model):
     empty = _with_boxes(random_input(seed=1), [], [])
     degenerate = _with_boxes(random_input(seed=2), [[10, 10, 10, 30], [5, 5, 40, 40], [70, 60, 70, 60]], [0, 1, 2])
     crowded = random_input(seed=3, num_boxes=35)  # more GT than the 20 proposals
-    losses = model([empty, degenerate, crowded])
+    head_outputs = []
+    handle = model.head.register_forward_hook(lambda mod, args, out: head_outputs.append(out))
+    try:
+        losses = model([empty, degenerate, crowded])
+    finally:
+        handle.remove()
     assert len(losses) == 3 * 2  # (ce, bbox, giou) x 2 stages
+    # The losses are the criterion's on the head outputs and targets built here by hand: labels
+    # and absolute boxes of the inputs, and (w, h, w, h) of each 64x80 (h x w) input image.
+    targets = [
+        {
+            "labels": x["instances"].gt_classes.long(),
+            "boxes_xyxy": x["instances"].gt_boxes.tensor.float(),
+            "image_size_xyxy": torch.tensor([80.0, 64.0, 80.0, 64.0]),
+        }
+        for x in (empty, degenerate, crowded)
+    ]
+    assert all(tuple(x["image"].shape[1:]) == (64, 80) for x in (empty, degenerate, crowded))
+    (outputs,) = head_outputs
+    with torch.no_grad():
+        want = model.criterion(outputs, targets)
+    assert set(losses) == set(want)
+    for key in want:
+        # Same ops on the same tensors; a small tolerance only in case of a fused-kernel path.
+        torch.testing.assert_close(losses[key].detach(), want[key], rtol=1e-5, atol=1e-6)
+    assert losses["loss_bbox"] > 0 and losses["loss_giou"] > 0  # some queries matched
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
@@ -72,14 +96,34 @@ def test_eval_boxes_independent_of_training_and_rescaled(model):
     model.eval()
     model.sampler.use_nms = False
     inp = random_input(64, 80, seed=6)
-    inp["height"], inp["width"] = 128, 160  # original image twice the network input
-    for n in (7, 50):
+    # The original image: ResizeShortestEdge(64) maps 101x126 (h x w) to 64x80, so the
+    # detections must be rescaled by 126/80 in x and 101/64 in y (different factors).
+    inp["height"], inp["width"] = 101, 126
+    sx, sy = 126 / 80, 101 / 64
+    calls = []
+    model.head.register_forward_pre_hook(lambda mod, args: calls.append(args[1].shape))
+    for n in (7, 50):  # eval proposals, independent of the 20 training proposals
         model.eval_num_proposals = n
-        out = model([inp])[0]["instances"]
-        assert out.image_size == (128, 160)
-        assert 0 < len(out) <= n
-        boxes = out.pred_boxes.tensor
-        assert (boxes[:, 0::2] <= 160).all() and (boxes[:, 1::2] <= 128).all() and (boxes >= 0).all()
+        calls.clear()
+        raw = _infer(model, [inp], [21], do_postprocess=False)[0]["instances"]
+        out = _infer(model, [inp], [21])[0]["instances"]
+        assert calls == [(1, n, 4)] * 2  # SAMPLE_STEP 1: one head call with n boxes per run
+        assert raw.image_size == (64, 80)
+        assert len(raw) == n  # no NMS, K >= 1: top-n of the n*K (proposal, class) pairs
+        # The sampler's boxes are not clipped; the rescale scales x and y separately, then clips
+        # to the original image and drops boxes left empty (detectron2's detector_postprocess).
+        scaled = raw.pred_boxes.tensor * torch.tensor([sx, sy, sx, sy])
+        clipped = torch.stack(
+            [scaled[:, 0].clamp(0, 126), scaled[:, 1].clamp(0, 101),
+             scaled[:, 2].clamp(0, 126), scaled[:, 3].clamp(0, 101)], dim=1
+        )
+        assert (clipped != scaled).any()  # the untrained head predicts beyond the image
+        keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        assert keep.sum() > 0
+        assert out.image_size == (101, 126)
+        torch.testing.assert_close(out.pred_boxes.tensor, clipped[keep], rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(out.scores, raw.scores[keep])
+        assert torch.equal(out.pred_classes, raw.pred_classes[keep])
 
 
 def test_short_training_decreases_loss():

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from diffusiondet.diffusion import (
     ReplayRandom,
@@ -150,15 +151,62 @@ def test_second_call_input_follows_ddim(alphas_cumprod):
 
 
 def test_outputs_nms_sorted_and_extras_aligned(alphas_cumprod):
-    sampler = DDIMBoxSampler(steps=2, nms_threshold=0.5)
-    out = sampler(ToyDenoiser(), alphas_cumprod, WHWH, N, rng=TorchRandom())
+    # Three ensembled calls: the merged candidates are three score-sorted runs one after the
+    # other, with many overlapping same-class boxes (the toy boxes all drift towards one anchor).
+    sampler = DDIMBoxSampler(steps=3, ensemble="all_steps", nms_threshold=0.5)
+    out = sampler(ToyDenoiser(), alphas_cumprod, WHWH, N, per_image_rng=_per_image_sources([3, 4]))
     for det in out:
         assert det["classes"].dtype == torch.long
         assert set(det["classes"].tolist()) <= set(range(K))
+        assert 0 < len(det["scores"]) < 3 * N  # NMS removed something
         scores = det["scores"]
         assert torch.all(scores[:-1] >= scores[1:])
+        # No two surviving boxes of one class overlap by more than the NMS threshold.
+        iou = box_iou(det["boxes"], det["boxes"])
+        same_class = det["classes"][:, None] == det["classes"][None, :]
+        off_diagonal = ~torch.eye(len(scores), dtype=torch.bool)
+        assert not (iou[same_class & off_diagonal] > 0.5).any()
         torch.testing.assert_close(det["filters"][:, :4], det["boxes"])
         assert "stacked" not in det
+
+
+class DuplicatingDenoiser:
+    """Ignores its input boxes: the same four proposals every call, every image.
+
+    Proposal 0: box A, class 0, logit 3; proposal 1: A shifted by 2 px (IoU 0.905 with A),
+    class 0, logit 2; proposal 2: A shifted by 1 px, class 1, logit 1; proposal 3: a box B far
+    from A, class 0, logit 0.5. All other logits are -4. Calls after the first score 0.25 lower.
+    """
+
+    BOXES = torch.tensor(
+        [[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0], [11.0, 11.0, 51.0, 51.0],
+         [60.0, 20.0, 90.0, 40.0]]
+    )
+    LOGITS = torch.tensor([[3.0, -4.0], [2.0, -4.0], [-4.0, 1.0], [0.5, -4.0]])
+
+    def __call__(self, boxes, t):
+        batch = boxes.shape[0]
+        later = (t < 999).float()[:, None, None]  # (B, 1, 1)
+        logits = self.LOGITS.expand(batch, 4, 2) - 0.25 * later
+        pred = self.BOXES.expand(batch, 4, 4).clone()
+        step = t[:, None, None].float().expand(batch, 4, 1)
+        return {"pred_logits": logits, "pred_boxes": pred, "call_t": step}
+
+
+def test_nms_removes_duplicates_across_ensembled_calls(alphas_cumprod):
+    # Two ensembled calls give 2 x 4 candidates (top-4 of the 4 x 2 (proposal, class) pairs each):
+    # [A/0 3, A'/0 2, A''/1 1, B/0 .5] then the same at logits - 0.25. Class-aware NMS at IoU 0.5
+    # keeps A (suppressing A' and every second-call duplicate), A'' (other class) and B, in
+    # score order. Without NMS all 8 rows would remain, unsorted.
+    sampler = DDIMBoxSampler(steps=2, ensemble="all_steps", nms_threshold=0.5)
+    boxes = DuplicatingDenoiser.BOXES
+    sources = _per_image_sources([7, 8])
+    out = sampler(DuplicatingDenoiser(), alphas_cumprod, WHWH, 4, per_image_rng=sources)
+    for det in out:
+        torch.testing.assert_close(det["boxes"], boxes[[0, 2, 3]])
+        assert det["classes"].tolist() == [0, 1, 0]
+        torch.testing.assert_close(det["scores"], torch.sigmoid(torch.tensor([3.0, 1.0, 0.5])))
+        assert det["call_t"][:, 0].tolist() == [999, 999, 999]  # the first call's rows won
 
 
 @pytest.mark.parametrize(
