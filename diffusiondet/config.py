@@ -119,6 +119,10 @@ def add_diffusiondet_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier for parameters whose name contains "backbone".
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    # Non-finite (NaN/inf) losses in a row that are skipped (no optimizer step, counted in the
+    # "nonfinite_steps" scalar) before training stops with an error; 0 stops at the first one,
+    # as detectron2 does. An isolated bad batch then costs one step, not the run.
+    cfg.SOLVER.MAX_NONFINITE_STEPS = 10
 
     # --- own COCO-format data without writing Python ---
     # When TRAIN_JSON is set, it is registered as "custom_train" and used as DATASETS.TRAIN;
@@ -177,7 +181,10 @@ def validate_diffusiondet_config(cfg):
         (d.NUM_TIMESTEPS >= 2, f"MODEL.DiffusionDet.NUM_TIMESTEPS must be >= 2, got {d.NUM_TIMESTEPS}"),
         (d.SNR_SCALE > 0, f"MODEL.DiffusionDet.SNR_SCALE must be > 0, got {d.SNR_SCALE}"),
         (d.PLACEHOLDER_STD > 0, f"MODEL.DiffusionDet.PLACEHOLDER_STD must be > 0, got {d.PLACEHOLDER_STD}"),
-        (0.0 <= d.RENEWAL_THRESHOLD <= 1.0, f"RENEWAL_THRESHOLD must be in [0, 1], got {d.RENEWAL_THRESHOLD}"),
+        (
+            0.0 <= d.RENEWAL_THRESHOLD <= 1.0,
+            f"MODEL.DiffusionDet.RENEWAL_THRESHOLD must be in [0, 1], got {d.RENEWAL_THRESHOLD}",
+        ),
         (0.0 < d.NMS_THRESH <= 1.0, f"MODEL.DiffusionDet.NMS_THRESH must be in (0, 1], got {d.NMS_THRESH}"),
         (d.DDIM_ETA >= 0.0, f"MODEL.DiffusionDet.DDIM_ETA must be >= 0, got {d.DDIM_ETA}"),
         (cfg.TEST.IMS_PER_BATCH >= 1, f"TEST.IMS_PER_BATCH must be >= 1, got {cfg.TEST.IMS_PER_BATCH}"),
@@ -194,11 +201,13 @@ def validate_diffusiondet_config(cfg):
         ),
         (
             bool(cfg.DATASETS.CUSTOM.TRAIN_JSON) == bool(cfg.DATASETS.CUSTOM.TRAIN_IMAGES),
-            "DATASETS.CUSTOM.TRAIN_JSON and DATASETS.CUSTOM.TRAIN_IMAGES must be set together",
+            "DATASETS.CUSTOM.TRAIN_JSON and DATASETS.CUSTOM.TRAIN_IMAGES must be set together, got"
+            f" {cfg.DATASETS.CUSTOM.TRAIN_JSON!r} and {cfg.DATASETS.CUSTOM.TRAIN_IMAGES!r}",
         ),
         (
             bool(cfg.DATASETS.CUSTOM.TEST_JSON) == bool(cfg.DATASETS.CUSTOM.TEST_IMAGES),
-            "DATASETS.CUSTOM.TEST_JSON and DATASETS.CUSTOM.TEST_IMAGES must be set together",
+            "DATASETS.CUSTOM.TEST_JSON and DATASETS.CUSTOM.TEST_IMAGES must be set together, got"
+            f" {cfg.DATASETS.CUSTOM.TEST_JSON!r} and {cfg.DATASETS.CUSTOM.TEST_IMAGES!r}",
         ),
         (
             d.INFERENCE_AMP in INFERENCE_AMP_DTYPES,
@@ -208,6 +217,10 @@ def validate_diffusiondet_config(cfg):
         (
             d.POOLER_THREADS >= 0,
             f"MODEL.DiffusionDet.POOLER_THREADS must be >= 0, got {d.POOLER_THREADS}",
+        ),
+        (
+            cfg.SOLVER.MAX_NONFINITE_STEPS >= 0,
+            f"SOLVER.MAX_NONFINITE_STEPS must be >= 0, got {cfg.SOLVER.MAX_NONFINITE_STEPS}",
         ),
     ]
     errors = [msg for ok, msg in checks if not ok]

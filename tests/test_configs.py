@@ -37,7 +37,9 @@ def test_every_config_builds(path):
         (["MODEL.DiffusionDet.PADDING", "zeros"], "PADDING"),
         (["MODEL.DiffusionDet.ENSEMBLE", "last"], "ENSEMBLE"),
         (["MODEL.DiffusionDet.HIDDEN_DIM", 128], "HIDDEN_DIM"),
-        (["DATASETS.CUSTOM.TRAIN_JSON", "a.json"], "TRAIN_IMAGES"),
+        (["DATASETS.CUSTOM.TRAIN_JSON", "a.json"], "TRAIN_IMAGES must be set together, got 'a.json' and ''"),
+        (["MODEL.DiffusionDet.RENEWAL_THRESHOLD", 1.5], "MODEL.DiffusionDet.RENEWAL_THRESHOLD .* got 1.5"),
+        (["SOLVER.MAX_NONFINITE_STEPS", -1], "SOLVER.MAX_NONFINITE_STEPS must be >= 0, got -1"),
     ],
 )
 def test_invalid_values_fail_clearly(opts, message):
@@ -53,3 +55,13 @@ def test_steps_and_boxes_shorthands():
         build_config(os.path.join(CONFIG_DIR, "diffdet.synthetic.res18.yaml"), [], steps=0)
     with pytest.raises(ValueError, match="EVAL_NUM_PROPOSALS"):
         build_config(os.path.join(CONFIG_DIR, "diffdet.synthetic.res18.yaml"), [], boxes=0)
+
+
+def test_unknown_or_unpaired_override_keys_fail_clearly():
+    config = os.path.join(CONFIG_DIR, "diffdet.synthetic.res18.yaml")
+    with pytest.raises(KeyError, match="Non-existent config key: MODEL.DiffusionDet.NUM_CLASS"):
+        build_config(config, ["MODEL.DiffusionDet.NUM_CLASS", 3])
+    with pytest.raises(KeyError, match="Non-existent config key: MODEL.DiffusionDet.NUM_CLASSES.X"):
+        build_config(config, ["MODEL.DiffusionDet.NUM_CLASSES.X", 3])
+    with pytest.raises(ValueError, match="KEY VALUE pairs"):
+        build_config(config, ["MODEL.DiffusionDet.NUM_CLASSES"])

@@ -4,13 +4,14 @@
     python tools/train_net.py --config-file configs/diffdet.coco.res50.yaml --num-gpus 8
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model.pth --steps 4 --boxes 1000
 """
-from detectron2.checkpoint import DetectionCheckpointer
+from datetime import timedelta
+
 from detectron2.engine import default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from diffusiondet.engine import Trainer, argument_parser, build_config
+from diffusiondet.engine import DiffusionDetCheckpointer, Trainer, argument_parser, build_config
 
 
 def setup(args):
@@ -25,7 +26,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = DiffusionDetCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
         return res
@@ -44,6 +46,7 @@ def invoke_main():
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=timedelta(minutes=args.dist_timeout),
     )
 
 

@@ -1,7 +1,7 @@
 """Command-line -> frozen config, shared by tools/train_net.py, tools/demo.py and tools/benchmark.py."""
 import logging
 
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser
 
 from ..config import add_diffusiondet_config, validate_diffusiondet_config
@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 def argument_parser(epilog=None):
-    """detectron2's standard arguments plus ``--steps`` and ``--boxes``."""
+    """detectron2's standard arguments plus ``--steps``, ``--boxes`` and ``--dist-timeout``."""
     parser = default_argument_parser(epilog)
     parser.add_argument(
         "--steps", type=int, default=None,
@@ -20,6 +20,13 @@ def argument_parser(epilog=None):
     parser.add_argument(
         "--boxes", type=int, default=None,
         help="number of boxes at inference (MODEL.DiffusionDet.EVAL_NUM_PROPOSALS)",
+    )
+    parser.add_argument(
+        "--dist-timeout", type=float, default=30.0, metavar="MINUTES",
+        help="multi-process runs: minutes a process waits in a collective (all-reduce, barrier) for"
+        " the others before the job fails (detectron2's default: 30). A rank that dies on this"
+        " machine ends the job at once; a stuck rank, or one lost on another machine, ends it"
+        " after this long instead of hanging",
     )
     return parser
 
@@ -63,13 +70,28 @@ def register_custom_datasets(cfg):
             )
 
 
+def _check_override_keys(cfg, opts):
+    """yacs reports an unknown command-line key with an ``assert`` (gone under ``python -O``);
+    raise the KeyError that an unknown key in a YAML file gets instead."""
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs; got an odd number: {list(opts)}")
+    for key in opts[0::2]:
+        node = cfg
+        for part in str(key).split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise KeyError(f"Non-existent config key: {key}")
+            node = node[part]
+
+
 def build_config(config_file="", opts=(), steps=None, boxes=None):
     """Build and validate a (not yet frozen) config; registers DATASETS.CUSTOM data."""
     cfg = get_cfg()
     add_diffusiondet_config(cfg)
     if config_file:
         cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts) + shorthand_opts(steps, boxes))
+    opts = list(opts) + shorthand_opts(steps, boxes)
+    _check_override_keys(cfg, opts)
+    cfg.merge_from_list(opts)
     validate_diffusiondet_config(cfg)
     register_custom_datasets(cfg)
     return cfg

@@ -1,15 +1,21 @@
-"""The detectron2 trainer of DiffusionDet: overrides ``build_*`` classmethods only."""
+"""The detectron2 trainer of DiffusionDet: ``build_*`` overrides plus fault-tolerant parts."""
 import contextlib
+import logging
 import os
+import weakref
 
 import detectron2.engine.defaults as d2_defaults
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 
 from ..data import DiffusionDetDatasetMapper
+from .checkpoint import DiffusionDetCheckpointer
 from .optimizer import build_optimizer
+from .train_loop import SkipNonFiniteTrainer
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -34,11 +40,42 @@ def _ddp_on_any_device():
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the DiffusionDet mapper, optimizer and evaluators."""
+    """DefaultTrainer with the DiffusionDet mapper, optimizer and evaluators, atomic checkpoints
+    and weights-fit checks (:class:`DiffusionDetCheckpointer`), and skipped non-finite steps
+    (:class:`SkipNonFiniteTrainer`, SOLVER.MAX_NONFINITE_STEPS)."""
 
     def __init__(self, cfg):
         with _ddp_on_any_device():
             super().__init__(cfg)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ creates its step trainer and checkpointer just before this call:
+        # swap them here, before PeriodicCheckpointer captures the checkpointer.
+        step = self._trainer
+        if type(step) is SimpleTrainer:
+            self._trainer = SkipNonFiniteTrainer(
+                step.model, step.data_loader, step.optimizer, self.cfg.SOLVER.MAX_NONFINITE_STEPS
+            )
+        else:  # AMPTrainer: its GradScaler skips inf gradients; a NaN loss stops it as in detectron2
+            logger.info("SOLVER.MAX_NONFINITE_STEPS is not used by %s", type(step).__name__)
+        self.checkpointer = DiffusionDetCheckpointer(
+            step.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
+    @property
+    def loss_hook(self):
+        """Test hook ``fn(iteration, loss_dict) -> loss_dict`` (see SkipNonFiniteTrainer)."""
+        return getattr(self._trainer, "loss_hook", None)
+
+    @loss_hook.setter
+    def loss_hook(self, fn):
+        self._trainer.loss_hook = fn
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Optimizer steps skipped so far because of a non-finite loss."""
+        return getattr(self._trainer, "nonfinite_steps", 0)
 
     @classmethod
     def build_train_loader(cls, cfg):

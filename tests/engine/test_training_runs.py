@@ -1,6 +1,8 @@
-"""Training through the detectron2 Trainer: resume after a crash, and 2-process DDP (GLOO) on CPU."""
+"""Training through the detectron2 Trainer: resume after a crash, and 2-process DDP (GLOO) on CPU
+(where a NaN loss on one rank must make every rank skip that step)."""
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from detectron2.utils import comm
 
 from diffusiondet.data.datasets import register_coco_json
 from diffusiondet.data.synthetic import generate_synthetic_crowd
-from diffusiondet.engine import Trainer
+from diffusiondet.engine import DiffusionDetCheckpointer, SkipNonFiniteTrainer, Trainer
 from tests.utils import tiny_cfg
 
 
@@ -54,6 +56,9 @@ def test_resume_continues_from_saved_iteration(tiny_dataset, tmp_path):
     cfg = _train_cfg(tmp_path, 6)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
+    # The fault-tolerant parts are the ones in use (tests/engine/test_fault_tolerance.py).
+    assert isinstance(trainer.checkpointer, DiffusionDetCheckpointer)
+    assert isinstance(trainer._trainer, SkipNonFiniteTrainer)
     trainer.register_hooks([_Crash(at=3)])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
@@ -78,17 +83,44 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _nan_on_rank1_iter0(iteration, loss_dict):
+    if comm.get_rank() == 1 and iteration == 0:
+        return {**loss_dict, "loss_giou": loss_dict["loss_giou"] * float("nan")}
+    return loss_dict
+
+
 def _ddp_main(output_dir, json_file, image_root):
     register_coco_json("tiny_synthetic_train", json_file, image_root)
     cfg = _train_cfg(output_dir, 2)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
+    initial = {k: v.clone() for k, v in trainer.model.module.state_dict().items()}
+    updated_at = []
+    trainer.register_hooks([_RecordUpdates(initial, updated_at)])
+    trainer.loss_hook = _nan_on_rank1_iter0
     trainer.train()
     assert comm.get_world_size() == 2
+    # The NaN seen by rank 1 only made BOTH ranks skip iteration 0 (else DDP would hang or the
+    # replicas would diverge); iteration 1 stepped normally.
+    assert trainer.nonfinite_steps == 1
+    assert updated_at == [False, True]
     # DDP keeps replicas identical: compare a head parameter across processes.
     param = next(trainer.model.module.head.parameters()).detach()
     gathered = comm.all_gather(param)
     assert torch.equal(gathered[0], gathered[1])
+    assert torch.isfinite(param).all()
+
+
+class _RecordUpdates(HookBase):
+    """Records after each step whether a head weight differs from its initial value."""
+
+    def __init__(self, initial, updated_at):
+        self.key = next(k for k in initial if k.startswith("head.") and k.endswith("weight"))
+        self.initial, self.updated_at = initial[self.key], updated_at
+
+    def after_step(self):
+        current = self.trainer.model.module.state_dict()[self.key]
+        self.updated_at.append(not torch.equal(current, self.initial))
 
 
 def test_two_process_training_with_launch(tiny_dataset, tmp_path):
@@ -98,5 +130,6 @@ def test_two_process_training_with_launch(tiny_dataset, tmp_path):
         num_gpus_per_machine=2,
         dist_url=f"tcp://127.0.0.1:{_free_port()}",
         args=(str(tmp_path), json_file, image_root),
+        timeout=timedelta(seconds=90),  # a rank stuck in a collective fails the test, not hangs it
     )
     assert os.path.exists(os.path.join(tmp_path, "model_final.pth"))

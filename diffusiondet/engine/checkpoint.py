@@ -1,0 +1,182 @@
+"""Checkpoints that survive a kill or a full disk, and weights that must fit the model.
+
+detectron2 writes checkpoints and ``last_checkpoint`` in place, so a kill or a full disk while
+writing leaves a truncated file under the real name (or an empty ``last_checkpoint``, which breaks
+``--resume``). It also loads a checkpoint of another architecture "successfully": mismatched
+tensors are skipped with a log line and the model trains or evaluates from random weights.
+"""
+import contextlib
+import logging
+import os
+import tempfile
+from typing import Callable, List, Sequence, Tuple
+from urllib.parse import urlparse
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+logger = logging.getLogger(__name__)
+
+# The only layers whose shape may legitimately differ from a checkpoint's: their width is the
+# number of classes, so fine-tuning on a dataset with another NUM_CLASSES re-initialises them.
+CLASS_DEPENDENT_LAYERS = ("class_logits.",)
+# How many keys an error message lists (the full list goes to the log).
+_LISTED = 12
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or whose weights do not fit the model."""
+
+
+def atomic_write(path: str, write: Callable) -> None:
+    """Write ``path`` through ``write(binary_file)`` so that readers see the old or the new file.
+
+    The data goes to a temporary file in the same folder (same file system, so ``os.replace`` is
+    atomic), is fsync'ed, then renamed over ``path``; on any failure the temporary file is removed
+    and ``path`` is untouched. A hard kill can leave a ``.<name>.*.tmp`` file, never a torn ``path``.
+    """
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide checkpoints from other users
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # The rename itself must reach the disk, or a power cut could bring the old name back.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _shapes(items: Sequence[Tuple[str, tuple, tuple]]) -> str:
+    listed = ", ".join(f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in items[:_LISTED])
+    return listed + (f", ... ({len(items) - _LISTED} more in the log)" if len(items) > _LISTED else "")
+
+
+def _keys(state: dict, names: List[str]) -> str:
+    listed = ", ".join(f"{k} {tuple(getattr(state.get(k), 'shape', ()))}" for k in names[:_LISTED])
+    return listed + (f", ... ({len(names)} in all)" if len(names) > _LISTED else "")
+
+
+class DiffusionDetCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer with atomic saves, errors naming the file, and a weights-fit policy.
+
+    Weights policy (``load``): a checkpoint may cover only part of the model (an ImageNet or
+    detector backbone: missing keys are logged, as in detectron2), and may differ in the
+    class-dependent layers (fine-tuning with another NUM_CLASSES: a warning lists them). It is an
+    error, listing keys and shapes, when any other tensor has a different shape (another
+    HIDDEN_DIM, depth, ...: those layers would silently stay random) or when not a single model
+    tensor could be loaded (another model family, e.g. a torchvision classifier's state dict).
+    The error comes after detectron2 has loaded the matching tensors: do not use the model then.
+    """
+
+    _loading = None  # the path being loaded, for messages
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk or _is_remote(self.save_dir):
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        try:
+            atomic_write(save_file, lambda f: torch.save(data, f))
+        except Exception as e:
+            raise self._save_error(save_file, e) from e
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if _is_remote(self.save_dir):
+            return super().tag_last_checkpoint(last_filename_basename)
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        try:
+            atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+        except Exception as e:
+            raise self._save_error(path, e) from e
+
+    def _save_error(self, path: str, error: Exception) -> Exception:
+        previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+        reason = getattr(error, "strerror", None) or f"{type(error).__name__}: {error}"
+        message = f"could not write checkpoint {path}: {reason}; {kept}"
+        if isinstance(error, OSError):
+            return OSError(error.errno, message)
+        return CheckpointError(message)
+
+    def load(self, path, *args, **kwargs):
+        if path and not _is_remote(path):
+            local = urlparse(path)._replace(query="").geturl()  # "file.pth?matching_heuristics=True"
+            if not os.path.isfile(local):
+                raise FileNotFoundError(f"checkpoint file not found: {local}")
+        self._loading = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = None
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read checkpoint {filename}: it is truncated, corrupt or not a PyTorch/"
+                f"detectron2 checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from e
+
+    def _load_model(self, checkpoint):
+        state = dict(checkpoint.get("model") or {})  # super() pops the mismatched keys from it
+        incompatible = super()._load_model(checkpoint)
+        self._check_fit(incompatible, state)
+        return incompatible
+
+    def _check_fit(self, incompatible, checkpoint_state: dict) -> None:
+        path = self._loading or "checkpoint"
+        model_state = self.model.state_dict()
+        missing = set(incompatible.missing_keys)
+        loaded = [k for k in model_state if k not in missing]
+        wrong_shape = [s for s in incompatible.incorrect_shapes if not _is_class_layer(s[0])]
+        if wrong_shape or not loaded:
+            self._log_incompatible_keys(incompatible)
+        if wrong_shape:
+            raise CheckpointError(
+                f"{path} is from another architecture: {len(wrong_shape)} tensors have other shapes"
+                f" (checkpoint vs model): {_shapes(wrong_shape)}. Set the MODEL.* keys (HIDDEN_DIM,"
+                " DIM_FEEDFORWARD, RESNETS.DEPTH, ...) the checkpoint was trained with; only the"
+                f" class layers ({', '.join(CLASS_DEPENDENT_LAYERS)}) may differ."
+            )
+        if not loaded:
+            raise CheckpointError(
+                f"{path} fits none of the model's {len(model_state)} tensors; checkpoint keys:"
+                f" {_keys(checkpoint_state, list(checkpoint_state))}; model parameters:"
+                f" {_keys(model_state, [k for k, _ in self.model.named_parameters()])}. Convert"
+                " the names first (torchvision backbones: detectron2's convert-torchvision-to-d2.py)"
+            )
+        reinitialised = [s for s in incompatible.incorrect_shapes if s not in wrong_shape]
+        if reinitialised:
+            logger.warning(
+                "%s: class layers re-initialised for fine-tuning (another NUM_CLASSES): %s",
+                path, _shapes(reinitialised),
+            )
+
+
+def _is_class_layer(key: str) -> bool:
+    return any(layer in key for layer in CLASS_DEPENDENT_LAYERS)

@@ -1,0 +1,104 @@
+"""The training step: a non-finite loss skips one optimizer step instead of ending the run."""
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+
+logger = logging.getLogger(__name__)
+
+
+def ranks_with_nonfinite(local_nonfinite: bool, device: torch.device) -> int:
+    """How many ranks saw a non-finite loss: every rank must take the same decision, or the ranks
+    that step would wait forever in DDP's gradient all-reduce for the ones that skip."""
+    if comm.get_world_size() == 1:
+        return int(local_nonfinite)
+    flag = torch.tensor([float(local_nonfinite)], device=device)
+    dist.all_reduce(flag)
+    return int(flag.item())
+
+
+class SkipNonFiniteTrainer(SimpleTrainer):
+    """SimpleTrainer that skips (and counts) the optimizer step of a NaN or infinite loss.
+
+    detectron2 raises FloatingPointError at the first non-finite loss, so one degenerate batch
+    ends a multi-day run. Here that step is skipped on every rank (no NaN reaches the weights or
+    the optimizer state), a warning names the iteration and the losses, the ``nonfinite_steps``
+    scalar counts the skipped steps of the run (saved in checkpoints), and only more than
+    ``max_nonfinite_steps`` in a row (a diverged model, not a bad batch) stop training with
+    FloatingPointError naming SOLVER.MAX_NONFINITE_STEPS.
+
+    ``loss_hook`` is a test hook (None in normal runs): ``loss_hook(iteration, loss_dict)`` is
+    called after the forward pass and returns the loss dict to use. The fault drill and the tests
+    inject NaN losses through it (set it through ``Trainer.loss_hook``).
+    Unlike SimpleTrainer, gradients are always zeroed before backward and metrics are written
+    synchronously (DefaultTrainer uses neither option).
+    """
+
+    def __init__(self, model, data_loader, optimizer, max_nonfinite_steps: int = 10):
+        super().__init__(model, data_loader, optimizer)
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.loss_hook = None
+        self.nonfinite_steps = 0
+        self._nonfinite_in_a_row = 0
+
+    def run_step(self):
+        assert self.model.training, "[SkipNonFiniteTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        if self.loss_hook is not None:
+            loss_dict = self.loss_hook(self.iter, loss_dict)
+        losses = sum(loss_dict.values())
+        bad = {k: v.detach() for k, v in loss_dict.items() if not torch.isfinite(v).all()}
+        if not bad and not torch.isfinite(losses):
+            bad = {"sum of the losses": losses.detach()}  # finite terms that overflow together
+        ranks = ranks_with_nonfinite(bool(bad), losses.device)
+        self.optimizer.zero_grad()
+        if ranks:
+            # No backward either: every rank skips it, so DDP's all-reduces stay matched.
+            self._skip(bad, ranks)
+            return
+        self._nonfinite_in_a_row = 0
+        losses.backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        get_event_storage().put_scalar("nonfinite_steps", self.nonfinite_steps, smoothing_hint=False)
+        self.optimizer.step()
+
+    def _skip(self, bad, ranks):
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        get_event_storage().put_scalar("nonfinite_steps", self.nonfinite_steps, smoothing_hint=False)
+        what = ", ".join(f"{k}={v.float().mean().item()}" for k, v in bad.items()) or "on another rank"
+        where = f" on {ranks} of {comm.get_world_size()} ranks" if comm.get_world_size() > 1 else ""
+        if self._nonfinite_in_a_row > self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"non-finite loss at iteration {self.iter} ({what}){where}: "
+                f"{self._nonfinite_in_a_row} in a row exceeds SOLVER.MAX_NONFINITE_STEPS="
+                f"{self.max_nonfinite_steps}; training stopped (lower SOLVER.BASE_LR, enable "
+                "SOLVER.CLIP_GRADIENTS or check the data)"
+            )
+        logger.warning(
+            "non-finite loss at iteration %d (%s)%s: optimizer step skipped (%d in a row, %d in "
+            "this run; SOLVER.MAX_NONFINITE_STEPS=%d)",
+            self.iter, what, where, self._nonfinite_in_a_row, self.nonfinite_steps,
+            self.max_nonfinite_steps,
+        )
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["nonfinite_steps"] = self.nonfinite_steps
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.nonfinite_steps = state_dict.get("nonfinite_steps", 0)  # absent in older checkpoints
