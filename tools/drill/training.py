@@ -1,0 +1,299 @@
+"""Fault-drill cases: training (kill and resume, kill while saving, non-finite loss, full disk).
+
+The helpers here (tiny synthetic data, tiny training options, train_net.py runs) are shared with
+the distributed cases.
+"""
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from .common import Case, capture_logs, check, expect_error, expect_logged
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # tests.utils holds the project's tiny CPU configuration
+
+CONFIG = os.path.join(REPO, "configs", "diffdet.synthetic.res18.yaml")
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+
+
+def tiny_data(workdir):
+    """6 synthetic 64x64 training images; returns (json, image folder)."""
+    from diffusiondet.data.synthetic import generate_synthetic_crowd
+
+    root = os.path.join(workdir, "data")
+    json_file = generate_synthetic_crowd(
+        root, split="train", num_images=6, image_size=(64, 64), min_objects=2, max_objects=6, seed=3
+    )
+    return json_file, os.path.join(root, "train")
+
+
+def tiny_opts(workdir, output="out", max_iter=3, period=100, *extra, cli=True):
+    """Opts of a tiny CPU training on the synthetic data (SEED fixed, no loader workers).
+
+    ``cli``: the data goes through DATASETS.CUSTOM as a user would pass it on the command line;
+    in-process runs register it under a name of their own instead, since every case of one drill
+    process has its own data and DATASETS.CUSTOM always registers "custom_train".
+    """
+    from tests.utils import TINY_OPTS
+
+    json_file, images = tiny_data(workdir)
+    if cli:
+        data = ["DATASETS.CUSTOM.TRAIN_JSON", json_file, "DATASETS.CUSTOM.TRAIN_IMAGES", images]
+    else:
+        from diffusiondet.data.datasets import register_coco_json
+
+        name = "drill_" + os.path.basename(os.path.normpath(workdir))
+        register_coco_json(name, json_file, images)
+        data = ["DATASETS.TRAIN", (name,), "MODEL.DiffusionDet.NUM_CLASSES", 5]
+    opts = TINY_OPTS + data + [
+        "DATASETS.TEST", (), "SOLVER.MAX_ITER", max_iter, "SOLVER.CHECKPOINT_PERIOD", period,
+        "SEED", 7, "OUTPUT_DIR", os.path.join(workdir, output), *extra,
+    ]
+    return [str(o) for o in opts] if cli else opts
+
+
+def tiny_trainer(workdir, *args):
+    """A Trainer of ``tiny_opts(workdir, *args)``, built without detectron2's console logging
+    (the drill prints one line per case)."""
+    from unittest import mock
+
+    import detectron2.engine.defaults
+    from diffusiondet.engine import Trainer, build_config
+
+    cfg = build_config(CONFIG, tiny_opts(workdir, *args, cli=False))
+    cfg.freeze()
+    with mock.patch.object(detectron2.engine.defaults, "setup_logger", lambda *a, **k: None):
+        trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    return trainer
+
+
+def train_net(workdir, *args, timeout=300):
+    cmd = [sys.executable, TRAIN_NET, "--config-file", CONFIG, *map(str, args)]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def _load(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _last(out):
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        return f.read().strip()
+
+
+def _aborting_torch_save(error, after_calls=0):
+    """torch.save that works ``after_calls`` times, then writes half of the bytes and fails."""
+    import torch
+
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= after_calls:
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        if error is None:
+            os._exit(137)  # a hard kill: no exception handler, no cleanup
+        raise error
+
+    return save
+
+
+# --- (1) SIGKILL mid-run, then --resume ------------------------------------------------------------
+
+MAX_ITER = 6  # checkpoints after iterations 2 and 5: the kill lands in iterations 3..5
+
+
+def sigkill_then_resume(workdir):
+    opts = tiny_opts(workdir, "killed", MAX_ITER, 3)
+    out = os.path.join(workdir, "killed")
+    with open(os.path.join(workdir, "killed.log"), "w") as log:
+        proc = subprocess.Popen([sys.executable, TRAIN_NET, "--config-file", CONFIG, *opts],
+                                cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(os.path.join(out, "last_checkpoint")) and _last(out) == "model_0000002.pth":
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+    check(proc.returncode == -signal.SIGKILL, f"run was not killed mid-way (rc {proc.returncode})")
+    check(not os.path.exists(os.path.join(out, "model_final.pth")), "killed run finished anyway")
+    killed_at = _last(out)
+    resumed = train_net(workdir, "--resume", *opts)
+    check(resumed.returncode == 0, f"--resume failed: {resumed.stderr[-300:]}")
+    start = int(killed_at[len("model_"):-len(".pth")]) + 1
+    check(f"Starting training from iteration {start}" in resumed.stdout + resumed.stderr,
+          f"--resume did not continue from iteration {start} ({killed_at})")
+    final = _load(os.path.join(out, "model_final.pth"))
+    state = final["trainer"]
+    adam_steps = {int(s["step"]) for s in state["_trainer"]["optimizer"]["state"].values()}
+    sched_epoch = state["hooks"]["LRScheduler"]["last_epoch"]
+    check(state["iteration"] == MAX_ITER - 1 and adam_steps == {MAX_ITER} and sched_epoch == MAX_ITER,
+          f"resume lost state: iteration {state['iteration']}, optimizer steps {adam_steps},"
+          f" scheduler epoch {sched_epoch} (expected {MAX_ITER - 1}, {{{MAX_ITER}}}, {MAX_ITER})")
+
+    straight = train_net(workdir, *tiny_opts(workdir, "straight", MAX_ITER, 3))
+    check(straight.returncode == 0, f"uninterrupted run failed: {straight.stderr[-300:]}")
+    ref_at = _load(os.path.join(workdir, "straight", killed_at))
+    ref_final = _load(os.path.join(workdir, "straight", "model_final.pth"))
+    before = _max_diff(ref_at, _load(os.path.join(out, killed_at)))
+    after = _max_diff(ref_final, final)
+    moved = _max_diff(ref_final, ref_at)
+    return (f"killed after iter {start - 1}; resumed at {start}, Adam steps and LR epoch {MAX_ITER}/"
+            f"{MAX_ITER}; max|dW| vs uninterrupted: {before:.2g} at iter {start - 1}, {after:.2g} at the"
+            f" end (its own max update after iter {start - 1}: {moved:.2g}): data order, RNG restart")
+
+
+def _max_diff(a, b):
+    return max((a["model"][k].double() - v.double()).abs().max().item()
+               for k, v in b["model"].items() if v.is_floating_point())
+
+
+# --- (2) kill while a checkpoint is being written ----------------------------------------------------
+
+
+def abort_while_saving(workdir):
+    import torch
+
+    trainer = tiny_trainer(workdir)
+    out = trainer.cfg.OUTPUT_DIR
+    trainer.iter = 4
+    trainer.checkpointer.save("model_0000004", iteration=4)
+    trainer.checkpointer.save("model_final", iteration=4)
+    real_save = torch.save
+    torch.save = _aborting_torch_save(KeyboardInterrupt("drill: killed while saving"))
+    try:
+        for name in ("model_0000007", "model_final"):  # a new name, and overwriting an old one
+            try:
+                trainer.checkpointer.save(name, iteration=7)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        torch.save = real_save
+    check(not os.path.exists(os.path.join(out, "model_0000007.pth")), "a torn model_0000007.pth exists")
+    check(_load(os.path.join(out, "model_final.pth"))["iteration"] == 4, "model_final.pth was damaged")
+    check(_last(out) == "model_final.pth", f"last_checkpoint says {_last(out)!r}")
+    leftovers = [f for f in os.listdir(out) if f.endswith(".tmp")]
+    resumed = tiny_trainer(workdir)
+    resumed.resume_or_load(resume=True)
+    check(resumed.start_iter == 5, f"resume starts at {resumed.start_iter}, not 5")
+    return (f"two saves aborted half-way: no torn file, model_final.pth and last_checkpoint intact,"
+            f" resume starts at 5; {len(leftovers)} temp files left")
+
+
+_HARD_KILL = """
+import os, sys, torch
+sys.path.insert(0, {tools!r})
+from drill import training
+trainer = training.tiny_trainer({workdir!r}, "out", 3, 1)
+torch.save = training._aborting_torch_save(None, after_calls=1)  # the 2nd save dies half-way
+trainer.train()
+"""
+
+
+def hard_kill_while_saving(workdir):
+    script = _HARD_KILL.format(tools=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               workdir=workdir)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=workdir, capture_output=True, text=True,
+                          timeout=300)
+    check(proc.returncode == 137, f"the save was not killed (rc {proc.returncode}): {proc.stderr[-300:]}")
+    out = os.path.join(workdir, "out")
+    check(_last(out) == "model_0000000.pth", f"last_checkpoint says {_last(out)!r}")
+    check(not os.path.exists(os.path.join(out, "model_0000001.pth")), "a torn model_0000001.pth exists")
+    _load(os.path.join(out, "model_0000000.pth"))
+    resumed = train_net(workdir, "--resume", *tiny_opts(workdir, "out", 3, 1))
+    check(resumed.returncode == 0 and "Starting training from iteration 1" in resumed.stderr + resumed.stdout,
+          f"--resume failed: {resumed.stderr[-300:]}")
+    return ("process killed (os._exit) half-way through model_0000001.pth: model_0000000.pth and"
+            " last_checkpoint intact, --resume continued from iteration 1 to the end")
+
+
+# --- (3) non-finite losses --------------------------------------------------------------------------
+
+
+def _nan_loss(at):
+    def hook(iteration, loss_dict):
+        return {**loss_dict, "loss_giou": loss_dict["loss_giou"] * float("nan")} if at(iteration) else loss_dict
+
+    return hook
+
+
+def nonfinite_loss_skipped(workdir):
+    import torch
+
+    trainer = tiny_trainer(workdir, "out", 2)
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.loss_hook = _nan_loss(lambda it: it == 0)
+    snapshots = []
+    trainer.register_hooks([_Snapshot(snapshots)])
+    with capture_logs("diffusiondet") as logs:
+        trainer.train()
+    line = expect_logged(logs, ["iteration 0", "loss_giou=nan", "skipped"])
+    check(all(torch.equal(snapshots[0][k], v) for k, v in initial.items()), "the NaN step changed weights")
+    check(any(not torch.equal(snapshots[1][k], v) for k, v in initial.items()), "the next step did not train")
+    check(all(torch.isfinite(v).all() for v in trainer.model.state_dict().values()), "NaN in the weights")
+    counted = trainer.storage.history("nonfinite_steps").latest()
+    check(trainer.nonfinite_steps == 1 and counted == 1, f"nonfinite_steps = {counted}")
+    return f"step skipped, nonfinite_steps=1, next step trained; {line}"
+
+
+def _Snapshot(snapshots):
+    """A hook that appends the model's state after every step to ``snapshots``."""
+    from detectron2.engine import HookBase
+
+    class Snapshot(HookBase):
+        def after_step(self):
+            snapshots.append({k: v.clone() for k, v in self.trainer.model.state_dict().items()})
+
+    return Snapshot()
+
+
+def nonfinite_losses_in_a_row_stop(workdir):
+    trainer = tiny_trainer(workdir, "out", 5, 100, "SOLVER.MAX_NONFINITE_STEPS", 1)
+    trainer.loss_hook = _nan_loss(lambda it: True)
+    return expect_error(trainer.train, names=["SOLVER.MAX_NONFINITE_STEPS=1", "iteration 1", "loss_giou"],
+                        exc=(FloatingPointError,))
+
+
+# --- (4) full disk while saving ---------------------------------------------------------------------
+
+
+def disk_full_on_checkpoint(workdir):
+    import torch
+
+    trainer = tiny_trainer(workdir, "out", 3, 1)
+    out = trainer.cfg.OUTPUT_DIR
+    real_save = torch.save
+    torch.save = _aborting_torch_save(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), after_calls=1)
+    try:
+        detail = expect_error(trainer.train, names=[os.path.join(out, "model_0000001.pth"),
+                                                    "No space left on device"], exc=(OSError,))
+    finally:
+        torch.save = real_save
+    check(_last(out) == "model_0000000.pth", f"last_checkpoint says {_last(out)!r}")
+    torn = [f for f in os.listdir(out) if f.endswith(".tmp") or f == "model_0000001.pth"]
+    check(not torn, f"partial files left on the full disk: {torn}")
+    _load(os.path.join(out, "model_0000000.pth"))
+    return detail
+
+
+CASES = [
+    Case("training", "sigkill_mid_run_then_resume", sigkill_then_resume, slow=True),
+    Case("training", "abort_while_saving_checkpoint", abort_while_saving),
+    Case("training", "hard_kill_while_saving_checkpoint", hard_kill_while_saving, slow=True),
+    Case("training", "nonfinite_loss_step_skipped", nonfinite_loss_skipped),
+    Case("training", "nonfinite_losses_in_a_row_stop", nonfinite_losses_in_a_row_stop),
+    Case("training", "disk_full_on_checkpoint", disk_full_on_checkpoint),
+]
