@@ -7,6 +7,7 @@ happened; it raises :class:`Silent` when the fault went unnoticed or lost someth
 exception escaping a case counts as silent too (a crash with an unclear message is not handling).
 """
 import contextlib
+import io
 import logging
 import tempfile
 import time
@@ -45,7 +46,9 @@ def run_case(case: Case) -> Result:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"drill-{case.name}-") as workdir:
         try:
-            detail, handled = case.run(workdir), True
+            # pycocotools and detectron2 print their own tables; keep one line per case.
+            with contextlib.redirect_stdout(io.StringIO()):
+                detail, handled = case.run(workdir), True
         except Silent as e:
             detail, handled = f"SILENT: {e}", False
         except Exception as e:  # noqa: BLE001 - an unexpected crash is an unhandled fault
