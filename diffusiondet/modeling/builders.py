@@ -93,6 +93,7 @@ def build_criterion(cfg) -> SetCriterion:
         focal_gamma=d.GAMMA,
         fed_loss_cls_weights=_fed_loss_weights(cfg) if d.USE_FED_LOSS else None,
         fed_loss_num_classes=d.FED_LOSS_NUM_CLASSES,
+        no_object_weight=d.NO_OBJECT_WEIGHT,
     )
 
 

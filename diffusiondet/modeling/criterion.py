@@ -192,9 +192,16 @@ class SetCriterion(nn.Module):
 
     def _fed_loss_class_mask(self, query_classes: torch.Tensor, num_classes: int) -> torch.Tensor:
         """(K,) float mask of classes kept by the federated loss; query_classes (B*N,) with bg K."""
+        # detectron2's sampler draws negatives without replacement, so asking for more classes
+        # than there are (FED_LOSS_NUM_CLASSES 50 on a 10-class dataset) would crash: keep at
+        # most the batch's classes plus every negative class with a non-zero weight.
+        present = torch.unique(query_classes)
+        negatives = self.fed_loss_cls_weights > 0
+        negatives[present[present < num_classes]] = False
+        num_kept = min(self.fed_loss_num_classes, len(present) + int(negatives.sum()))
         # detectron2's sampler (CenterNet2's fed loss) never reads `self`, so it is reused unbound.
         kept = FastRCNNOutputLayers.get_fed_loss_classes(
-            None, query_classes, self.fed_loss_num_classes, num_classes, self.fed_loss_cls_weights
+            None, query_classes, num_kept, num_classes, self.fed_loss_cls_weights
         )
         mask = query_classes.new_zeros(num_classes + 1)
         mask[kept] = 1

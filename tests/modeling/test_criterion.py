@@ -217,6 +217,27 @@ def test_fed_loss_uses_at_most_fed_loss_num_classes():
     assert 0 < losses["loss_ce"] < full  # a masked subset of the same non-negative terms
 
 
+def test_fed_loss_with_more_fed_classes_than_the_dataset_has():
+    # FED_LOSS_NUM_CLASSES 50 (the default) on an 8-class dataset, one class never seen (weight
+    # 0): every class that can be sampled is in the loss instead of a crash in the sampler.
+    num_classes = 8
+    generator = torch.Generator().manual_seed(5)
+    sizes = [(96, 128), (80, 112)]
+    targets = [random_target(3, num_classes - 1, w, h, generator) for w, h in sizes]
+    weights = torch.ones(num_classes)
+    weights[num_classes - 1] = 0.0
+    criterion = make_criterion(
+        num_classes, use_fed_loss=True, fed_loss_cls_weights=weights, fed_loss_num_classes=50
+    )
+    outputs = random_outputs(1, sizes, 30, num_classes, generator)
+    losses = criterion(outputs, targets)
+    losses["loss_ce"].backward()
+    class_has_grad = (outputs["pred_logits"].grad != 0).flatten(0, 2).any(0)  # (K,)
+    assert class_has_grad.tolist() == [True] * (num_classes - 1) + [False]
+    full = make_criterion(num_classes)(outputs, targets)["loss_ce"]
+    assert 0 < losses["loss_ce"] < full
+
+
 def test_extra_loss_receives_the_same_matches(parity):
     seen = []
 
