@@ -6,6 +6,7 @@ writing leaves a truncated file under the real name (or an empty ``last_checkpoi
 tensors are skipped with a log line and the model trains or evaluates from random weights.
 """
 import contextlib
+import glob
 import logging
 import os
 import tempfile
@@ -20,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 # The only layers whose shape may legitimately differ from a checkpoint's: their width is the
 # number of classes, so fine-tuning on a dataset with another NUM_CLASSES re-initialises them.
-CLASS_DEPENDENT_LAYERS = ("class_logits.",)
+# The criterion's federated-loss weights (LVIS) are per class too.
+CLASS_DEPENDENT_LAYERS = ("class_logits.", "fed_loss_cls_weights")
 # How many keys an error message lists (the full list goes to the log).
 _LISTED = 12
 
@@ -98,6 +100,7 @@ class DiffusionDetCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)
+        _remove_stale_temporaries(self.save_dir, basename)
         try:
             atomic_write(save_file, lambda f: torch.save(data, f))
         except Exception as e:
@@ -108,6 +111,7 @@ class DiffusionDetCheckpointer(DetectionCheckpointer):
         if _is_remote(self.save_dir):
             return super().tag_last_checkpoint(last_filename_basename)
         path = os.path.join(self.save_dir, "last_checkpoint")
+        _remove_stale_temporaries(self.save_dir, "last_checkpoint")
         try:
             atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
         except Exception as e:
@@ -176,6 +180,17 @@ class DiffusionDetCheckpointer(DetectionCheckpointer):
                 "%s: class layers re-initialised for fine-tuning (another NUM_CLASSES): %s",
                 path, _shapes(reinitialised),
             )
+
+
+def _remove_stale_temporaries(folder: str, basename: str) -> None:
+    """Delete ``.<basename>.*.tmp`` files that a process killed while saving left behind.
+
+    Only the main process saves, and it is the one calling this before its own write, so such a
+    file can only belong to a dead writer."""
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(basename)}.*.tmp")):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
+            logger.info("Removed %s, left by a save that was interrupted", stale)
 
 
 def _is_class_layer(key: str) -> bool:

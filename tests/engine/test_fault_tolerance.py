@@ -76,6 +76,28 @@ def test_aborted_write_of_a_new_name_leaves_no_file_under_that_name(tmp_path, mo
     assert checkpointer.get_checkpoint_file() == os.path.join(tmp_path, "model_0000000.pth")
 
 
+def test_temporary_files_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    # A hard kill (no exception handler runs) leaves the temporary file of atomic_write behind.
+    checkpointer = DiffusionDetCheckpointer(_Toy(), str(tmp_path))
+    leftovers = [".model_0000001.pth.abc123.tmp", ".last_checkpoint.xyz.tmp"]
+    for name in leftovers + [".other.pth.q.tmp"]:
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    checkpointer.save("model_0000001")
+    assert sorted(os.listdir(tmp_path)) == [".other.pth.q.tmp", "last_checkpoint", "model_0000001.pth"]
+
+
+def test_fed_loss_weights_of_another_class_count_fine_tune(tmp_path, caplog):
+    source = _tiny_model("MODEL.DiffusionDet.NUM_CLASSES", 3, "MODEL.DiffusionDet.USE_FED_LOSS", True)
+    path = os.path.join(tmp_path, "fed3.pth")
+    torch.save({"model": source.state_dict()}, path)
+    target = _tiny_model("MODEL.DiffusionDet.NUM_CLASSES", 5, "MODEL.DiffusionDet.USE_FED_LOSS", True)
+    with caplog.at_level(logging.WARNING, logger="diffusiondet"):
+        DiffusionDetCheckpointer(target).resume_or_load(path, resume=False)
+    assert "criterion.fed_loss_cls_weights (3,) vs (5,)" in caplog.text
+    torch.testing.assert_close(target.state_dict()["head.time_mlp.1.weight"],
+                               source.state_dict()["head.time_mlp.1.weight"])
+
+
 def test_full_disk_names_the_path_and_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model = _Toy()
     checkpointer = DiffusionDetCheckpointer(model, str(tmp_path))
