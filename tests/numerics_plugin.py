@@ -14,9 +14,19 @@ import torch
 from diffusiondet.utils.cpu_info import describe_cpu
 
 
-def pytest_report_header(config):
+def _cpu_line() -> str:
     mode = "AVX2 one-thread emulation" if os.environ.get("DIFFDET_AVX2_EMULATION") else "native"
     return f"CPU: {describe_cpu()} ({mode})"
+
+
+def pytest_report_header(config):
+    return _cpu_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # `-q` hides the header; the CPU a result came from belongs in every log.
+    if terminalreporter.config.get_verbosity() < 0:
+        terminalreporter.write_line(_cpu_line())
 
 
 def pytest_sessionstart(session):
