@@ -44,10 +44,10 @@ def parse_args():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config-file", default="configs/diffdet.coco.res50.yaml")
-    parser.add_argument("--image-size", type=int, default=512, help="square input side (pixels)")
+    parser.add_argument("--image-size", type=int, help="square input side (pixels; 512, --quick 384)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (median)")
-    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
+    parser.add_argument("--batches", help="comma-separated batch sizes (1,4; --quick 1,2)")
     parser.add_argument(
         "--amp", default="bf16", choices=["", "bf16", "fp16"],
         help="also time INFERENCE_AMP at batch 1 ('' = no AMP rows)",
@@ -56,7 +56,7 @@ def parse_args():
     parser.add_argument("--train-iters", type=int, default=1, help="timed training iterations")
     parser.add_argument(
         "--quick", action="store_true",
-        help="smoke run: steps/boxes (1,300),(4,300), batches 1 and 2, 384 px",
+        help="smoke run: steps/boxes (1,300),(4,300); batches 1,2 and 384 px unless given",
     )  # fmt: skip
     parser.add_argument("--chunk-sweep", action="store_true",
                         help="time DynamicConv at several chunk sizes instead (tools/chunk_sweep.py)")
@@ -271,8 +271,9 @@ def main():
 
         return chunk_sweep.run(repeats=max(args.repeats, 5), emulate_avx2=args.emulate_avx2)
     cases = QUICK_CASES if args.quick else FULL_CASES
-    if args.quick:
-        args.batches, args.image_size = "1,2", 384
+    if args.quick:  # --quick's sizes, unless --batches / --image-size are given
+        args.batches, args.image_size = args.batches or "1,2", args.image_size or 384
+    args.batches, args.image_size = args.batches or "1,4", args.image_size or 512
     batches = [int(b) for b in args.batches.split(",")]
     opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device] + args.opts
     cfg = build_config(args.config_file, opts)

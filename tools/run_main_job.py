@@ -3,10 +3,14 @@
 DiffusionDet on CPU, then evaluate it for every (steps, boxes) pair and print a box-AP table.
 
     python tools/run_main_job.py [--config-file configs/diffdet.synthetic.res18.yaml]
-        [--steps 1 4] [--boxes 100 300] [--retrain] [--opts KEY VALUE ...]
+        [--steps 1 4] [--boxes 100 300] [--retrain] [--output-dir DIR] [--max-iter N]
+        [--num-images TRAIN VAL] [--opts KEY VALUE ...]
 
 Training resumes from the last checkpoint in OUTPUT_DIR, so a second run only re-evaluates
-(pass --retrain to start over).
+(pass --retrain to start over). --output-dir and --max-iter set OUTPUT_DIR and SOLVER.MAX_ITER;
+--num-images uses the first TRAIN / VAL images of the synthetic set instead of all 600 / 100
+(generated under $DETECTRON2_DATASETS/synthetic_crowd_TRAIN_VAL, registered as
+synthetic_crowd_{train_TRAIN,val_VAL}). Together with small --opts they make a seconds-long run.
 """
 import argparse
 import json
@@ -19,7 +23,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.logger import setup_logger
 
-from diffusiondet.data.datasets import ensure_synthetic_crowd
+from diffusiondet.data.datasets import datasets_root, ensure_synthetic_crowd, register_synthetic_crowd
 from diffusiondet.engine import Trainer, build_config
 
 logger = logging.getLogger("diffusiondet.main_job")
@@ -31,8 +35,24 @@ def parse_args():
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--boxes", type=int, nargs="+", default=[100, 300])
     parser.add_argument("--retrain", action="store_true", help="delete OUTPUT_DIR and train from scratch")
+    parser.add_argument("--output-dir", default=None, help="OUTPUT_DIR (default: the config's)")
+    parser.add_argument("--max-iter", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
+    parser.add_argument("--num-images", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+                        help="train and evaluate on the first TRAIN / VAL synthetic images (default: all)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return parser.parse_args()
+
+
+def data_selection(num_images):
+    """The synthetic data to use: (root, {name: (split, count)}, config overrides selecting it);
+    (None, None, []) for the built-in 600 / 100 images."""
+    if num_images is None:
+        return None, None, []
+    num_train, num_val = num_images
+    train, val = f"synthetic_crowd_train_{num_train}", f"synthetic_crowd_val_{num_val}"
+    splits = {train: ("train", num_train), val: ("val", num_val)}
+    root = os.path.join(datasets_root(), f"synthetic_crowd_{num_train}_{num_val}")
+    return root, splits, ["DATASETS.TRAIN", (train,), "DATASETS.TEST", (val,)]
 
 
 def train(cfg):
@@ -73,16 +93,22 @@ def main():
     args = parse_args()
     setup_logger(name="detectron2", abbrev_name="d2")
     setup_logger(name="diffusiondet")
-    cfg = build_config(args.config_file, args.opts)
+    root, splits, opts = data_selection(args.num_images)
+    for key, value in (("OUTPUT_DIR", args.output_dir), ("SOLVER.MAX_ITER", args.max_iter)):
+        opts += [] if value is None else [key, value]
+    opts += args.opts  # explicit overrides win
+    cfg = build_config(args.config_file, opts)
     if args.retrain and os.path.isdir(cfg.OUTPUT_DIR):
         shutil.rmtree(cfg.OUTPUT_DIR)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     cfg.freeze()
     start = time.perf_counter()
-    ensure_synthetic_crowd()
+    if splits is not None:
+        register_synthetic_crowd(root, splits)
+    ensure_synthetic_crowd(root, splits)
     weights = train(cfg)
     train_s = time.perf_counter() - start
-    rows = [evaluate(args.config_file, args.opts, weights, s, b) for s in args.steps for b in args.boxes]
+    rows = [evaluate(args.config_file, opts, weights, s, b) for s in args.steps for b in args.boxes]
     table = format_table(rows)
     with open(os.path.join(cfg.OUTPUT_DIR, "ap_table.json"), "w") as f:
         json.dump({"rows": rows, "train_s": train_s}, f, indent=2)

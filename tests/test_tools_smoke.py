@@ -1,0 +1,137 @@
+"""Smoke runs of the two command-line jobs that the test suite otherwise never starts:
+tools/run_main_job.py (`make demo`: data, training, evaluation per (steps, boxes), AP table) and
+tools/benchmark.py (fast path against the reference path), each on a tiny model in seconds.
+
+Both run as a user runs them, in a child process, with one torch thread: the models are tiny, and a
+second thread only costs time when the CPU is shared (e.g. a parallel test run).
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from tests.utils import TINY_OPTS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "diffdet.synthetic.res18.yaml")
+TINY = [*map(str, TINY_OPTS), "MODEL.DiffusionDet.NUM_CLASSES", "5"]  # the synthetic set's classes
+
+
+def _run(script, *args, cwd, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, os.path.join(REPO, "tools", script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _markdown_rows(text, header_start):
+    """The body rows ({column: cell text}) of the markdown table whose header line starts so."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def _coco_ap(gt_json, detections):
+    """(AP, AP50, AP75) in percent of ``detections`` against ``gt_json``, recomputed here."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_json))
+        evaluation = COCOeval(gt, gt.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return tuple(float(x) * 100 for x in evaluation.stats[:3])
+
+
+def test_run_main_job_trains_evaluates_and_writes_the_ap_table(tmp_path):
+    steps, boxes, max_iter = (1, 2), (10, 300), 3
+    out = tmp_path / "out"
+    stdout = _run(
+        "run_main_job.py", "--config-file", CONFIG, "--output-dir", out, "--max-iter", max_iter,
+        "--num-images", 6, 3, "--steps", *steps, "--boxes", *boxes, "--opts", *TINY,
+        cwd=tmp_path, env={"DETECTRON2_DATASETS": str(tmp_path / "datasets")},
+    )  # fmt: skip
+    # --num-images: the first 6 / 3 images of the synthetic set, generated under the given root.
+    data = tmp_path / "datasets" / "synthetic_crowd_6_3" / "synthetic_crowd"
+    for split, count in (("train", 6), ("val", 3)):
+        with open(data / "annotations" / f"{split}.json") as f:
+            assert len(json.load(f)["images"]) == count
+    assert "DiffusionDet on synthetic_crowd_val_3" in stdout
+
+    # Really trained: the final checkpoint is that of the last of the 3 iterations, and the
+    # iterations logged finite losses.
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == max_iter - 1
+    with open(out / "metrics.json") as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    losses = [m["total_loss"] for m in metrics if "total_loss" in m]
+    assert losses and all(math.isfinite(x) and x > 0 for x in losses)
+    assert max(m["iteration"] for m in metrics if "total_loss" in m) == max_iter - 1
+
+    # ap_table.json: one row per (steps, boxes), in order, with finite metrics.
+    with open(out / "ap_table.json") as f:
+        table = json.load(f)
+    assert set(table) == {"rows", "train_s"} and table["train_s"] > 0
+    rows = table["rows"]
+    assert [(r["steps"], r["boxes"]) for r in rows] == [(s, b) for s in steps for b in boxes]
+    for r in rows:
+        assert set(r) == {"steps", "boxes", "AP", "AP50", "AP75", "eval_s"}
+        assert all(math.isfinite(r[k]) and 0.0 <= r[k] <= 100.0 for k in ("AP", "AP50", "AP75")), r
+        assert r["eval_s"] > 0
+    # The last row's evaluation (its detections are saved) found boxes in every val image, and
+    # its AP numbers are those of these detections. (Training is not seeded, so a 3-iteration
+    # model's AP varies from run to run: often 0, sometimes 0.1-0.4 with 300 boxes.)
+    results = out / "inference" / "synthetic_crowd_val_3" / "coco_instances_results.json"
+    with open(results) as f:
+        detections = json.load(f)
+    assert len({d["image_id"] for d in detections}) == 3
+    recomputed = _coco_ap(data / "annotations" / "val.json", detections)
+    for value, key in zip(recomputed, ("AP", "AP50", "AP75")):
+        assert math.isclose(value, rows[-1][key], abs_tol=1e-9), (recomputed, rows[-1])
+
+    # The printed table shows the same rows and numbers.
+    printed = _markdown_rows(stdout, "| steps | boxes |")
+    assert len(printed) == len(rows)
+    for p, r in zip(printed, rows):
+        assert (int(p["steps"]), int(p["boxes"])) == (r["steps"], r["boxes"])
+        for key in ("AP", "AP50", "AP75"):
+            assert math.isfinite(float(p[key])) and p[key] == f"{r[key]:.1f}", (p, r)
+        assert math.isfinite(float(p["eval s"]))
+
+
+def test_benchmark_prints_finite_positive_ratios():
+    stdout = _run(
+        "benchmark.py", "--quick", "--config-file", CONFIG, "--image-size", 96, "--train-iters", 1,
+        "--batches", "1,2", "--amp", "", *TINY, cwd=REPO,
+    )  # fmt: skip
+    assert "96x96" in stdout  # explicit sizes win over --quick's
+    rows = _markdown_rows(stdout, "| mode | steps |")
+    # --quick's cases (steps, boxes) = (1, 300), (4, 300), each at batches 1 and 2; no AMP rows.
+    assert [(r["mode"], r["steps"], r["boxes"], r["batch"]) for r in rows] == [
+        ("fast", s, "300", b) for s in ("1", "4") for b in ("1", "2")
+    ]
+    for r in rows:
+        fast, ref = float(r["img/s fast"]), float(r["img/s ref"])
+        ratio, head_ratio = float(r["ratio"]), float(r["head ratio"])
+        for value in (fast, ref, ratio, float(r["head img/s fast"]), float(r["head img/s ref"]), head_ratio):
+            assert math.isfinite(value) and value > 0, r
+        # The ratio is fast / reference (printed values are rounded to 3 and 2 decimals).
+        assert abs(ratio - fast / ref) <= 0.006 + 0.0005 * (1 / ref + fast / ref**2), r
+        # Same per-image noise on both paths: the reference's detections are found again.
+        assert int(r["same top-100"].rstrip("%")) >= 50, r
+    training = next(line for line in stdout.splitlines() if line.startswith("Training:"))
+    iterations_per_s = float(training.split()[1])
+    assert math.isfinite(iterations_per_s) and iterations_per_s > 0
