@@ -7,14 +7,18 @@ from .builtin import (
     register_synthetic_crowd,
 )
 from .coco_json import check_coco_dict, register_coco_json, validate_coco_json
+from .crowdhuman import CROWDHUMAN_SPLITS, odgt_to_coco, register_crowdhuman
 
 __all__ = [
+    "CROWDHUMAN_SPLITS",
     "SYNTHETIC_CROWD_SPLITS",
     "check_coco_dict",
     "datasets_root",
     "ensure_synthetic_crowd",
+    "odgt_to_coco",
     "register_all_builtin",
     "register_coco_json",
+    "register_crowdhuman",
     "register_synthetic_crowd",
     "validate_coco_json",
 ]

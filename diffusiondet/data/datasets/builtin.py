@@ -1,4 +1,4 @@
-"""Built-in datasets of the project: the embedded synthetic crowded-shapes set.
+"""Built-in datasets of the project: the embedded synthetic crowded-shapes set, and CrowdHuman.
 
 ``register_all_builtin`` runs once at import of ``diffusiondet.data.datasets`` with the root from
 ``$DETECTRON2_DATASETS`` (default ``datasets``), as detectron2 does for its own built-ins. The data
@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from ..synthetic import SYNTHETIC_CROWD_CLASSES, generate_synthetic_crowd
+from .crowdhuman import register_crowdhuman
 
 __all__ = [
     "SYNTHETIC_CROWD_SEED",
@@ -118,4 +119,5 @@ def register_all_builtin(root: Optional[str] = None) -> None:
     if _builtin_registered:
         return
     register_synthetic_crowd(root or datasets_root())
+    register_crowdhuman(root or datasets_root())
     _builtin_registered = True
