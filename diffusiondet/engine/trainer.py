@@ -11,6 +11,7 @@ from detectron2.utils import comm
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 
 from ..data import DiffusionDetDatasetMapper
+from ..evaluation import CrowdHumanEvaluator
 from .checkpoint import DiffusionDetCheckpointer
 from .optimizer import build_optimizer
 from .train_loop import SkipNonFiniteTrainer
@@ -99,6 +100,8 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         meta = MetadataCatalog.get(dataset_name)
+        if getattr(meta, "evaluator_type", None) == "crowdhuman":
+            return CrowdHumanEvaluator(dataset_name, output_folder)
         if getattr(meta, "evaluator_type", None) == "lvis" or "lvis" in dataset_name:
             return LVISEvaluator(dataset_name, cfg, True, output_folder)
         return COCOEvaluator(

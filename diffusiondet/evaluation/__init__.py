@@ -1,4 +1,5 @@
 """Evaluation beyond detectron2's COCO / LVIS evaluators."""
 from .crowdhuman import CrowdHumanImage, evaluate_crowdhuman, match_image
+from .crowdhuman_evaluator import CrowdHumanEvaluator
 
-__all__ = ["CrowdHumanImage", "evaluate_crowdhuman", "match_image"]
+__all__ = ["CrowdHumanEvaluator", "CrowdHumanImage", "evaluate_crowdhuman", "match_image"]
