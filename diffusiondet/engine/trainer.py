@@ -101,7 +101,11 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         meta = MetadataCatalog.get(dataset_name)
         if getattr(meta, "evaluator_type", None) == "crowdhuman":
-            return CrowdHumanEvaluator(dataset_name, output_folder)
+            # The person class of the model's own training data (COCO zero-shot: id 0 too).
+            train_classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", []) \
+                if cfg.DATASETS.TRAIN else []
+            person = train_classes.index("person") if "person" in train_classes else 0
+            return CrowdHumanEvaluator(dataset_name, output_folder, person_class=person)
         if getattr(meta, "evaluator_type", None) == "lvis" or "lvis" in dataset_name:
             return LVISEvaluator(dataset_name, cfg, True, output_folder)
         return COCOEvaluator(

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 from detectron2.data import DatasetCatalog
@@ -42,7 +42,7 @@ class CrowdHumanEvaluator(DatasetEvaluator):
     """AP, mMR and Recall (reported in percent, as the paper does) on one dataset."""
 
     def __init__(self, dataset_name: str, output_dir: str = "", count_images_without_gt: bool = False,
-                 distributed: bool = True):  # fmt: skip
+                 distributed: bool = True, person_class: Optional[int] = 0):  # fmt: skip
         """
         Args:
             dataset_name: a registered dataset whose dicts carry the CrowdHuman ground truth.
@@ -50,11 +50,14 @@ class CrowdHumanEvaluator(DatasetEvaluator):
                 (odgt-style records, usable with ``python -m diffusiondet.evaluation.crowdhuman``).
             count_images_without_gt: count images without any GT box (see the metric module).
             distributed: gather detections from every process before evaluating.
+            person_class: the model's class id of "person" (0 for a CrowdHuman model and for a
+                COCO model evaluated zero-shot); other classes are not evaluated. None keeps all.
         """
         self.dataset_name = dataset_name
         self.output_dir = output_dir
         self.count_images_without_gt = count_images_without_gt
         self.distributed = distributed
+        self.person_class = person_class
         self._records: List[dict] = []
 
     def reset(self):
@@ -63,6 +66,8 @@ class CrowdHumanEvaluator(DatasetEvaluator):
     def process(self, inputs, outputs):
         for x, out in zip(inputs, outputs):
             inst = out["instances"].to("cpu")
+            if self.person_class is not None:
+                inst = inst[inst.pred_classes == self.person_class]
             self._records.append({
                 "image_id": x["image_id"],
                 "boxes": inst.pred_boxes.tensor.numpy().astype(np.float64),  # (D, 4) abs xyxy

@@ -33,11 +33,11 @@ def dataset(tmp_path_factory):
     return root
 
 
-def _output(boxes, scores):
+def _output(boxes, scores, classes=None):
     inst = Instances((1, 1))
     inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
     inst.scores = torch.tensor(scores, dtype=torch.float32)
-    inst.pred_classes = torch.zeros(len(scores), dtype=torch.long)
+    inst.pred_classes = torch.tensor(classes or [0] * len(scores), dtype=torch.long)
     return {"instances": inst}
 
 
@@ -60,3 +60,11 @@ def test_evaluator_metrics_and_saved_detections(dataset, tmp_path):
         saved = json.load(f)
     assert saved[0] == {"ID": "1", "dtboxes": [{"box": [0, 5, 20, 70], "score": pytest.approx(0.9)},
                                                 {"box": [65, 5, 30, 30], "score": pytest.approx(0.95)}]}
+
+
+def test_only_the_person_class_is_evaluated(dataset):
+    # A COCO model evaluated zero-shot: class 0 is "person"; a class-2 box on the person is not.
+    evaluator = CrowdHumanEvaluator("crowdhuman_eval_test", distributed=False)
+    evaluator.process([{"image_id": 1}, {"image_id": 2}],
+                      [_output([[0, 5, 20, 75]], [0.9], [2]), _output([[10, 20, 40, 60]], [0.7], [0])])
+    assert evaluator.evaluate()["crowdhuman"]["Recall"] == pytest.approx(50.0)
