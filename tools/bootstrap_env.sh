@@ -16,8 +16,11 @@ D2_RUNTIME_DEPS=(pillow matplotlib pycocotools termcolor yacs tabulate cloudpick
   "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "omegaconf>=2.1,<2.4" "hydra-core>=1.1" packaging
   opencv-python-headless scipy)
 DEV_DEPS=(pytest pytest-timeout)
+# The LVIS API; its declared dependencies would pull the non-headless OpenCV, and it needs none
+# beyond what is installed above.
+NO_DEPS=("lvis==0.5.3")
 
-STAMP_CONTENT="torch=$TORCH_VERSION tv=$TORCHVISION_VERSION d2=$DETECTRON2_WHEEL deps=${D2_RUNTIME_DEPS[*]} dev=${DEV_DEPS[*]}"
+STAMP_CONTENT="torch=$TORCH_VERSION tv=$TORCHVISION_VERSION d2=$DETECTRON2_WHEEL deps=${D2_RUNTIME_DEPS[*]} dev=${DEV_DEPS[*]} nodeps=${NO_DEPS[*]}"
 STAMP="$VENV/.diffdet-env-stamp"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_CONTENT" ]; then
@@ -37,6 +40,7 @@ echo "[bootstrap] installing torch $TORCH_VERSION / torchvision $TORCHVISION_VER
 "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 echo "[bootstrap] installing detectron2 runtime dependencies"
 "${PIP[@]}" install -q "${D2_RUNTIME_DEPS[@]}" "${DEV_DEPS[@]}"
+"${PIP[@]}" install -q --no-deps "${NO_DEPS[@]}"
 PURELIB="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   echo "[bootstrap] installing detectron2 as pure Python into $PURELIB"

@@ -12,6 +12,7 @@ from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 
 from ..data import DiffusionDetDatasetMapper
 from ..evaluation import CrowdHumanEvaluator
+from ..evaluation.lvis_compat import ensure_lvis_numpy_compat
 from .checkpoint import DiffusionDetCheckpointer
 from .optimizer import build_optimizer
 from .train_loop import SkipNonFiniteTrainer
@@ -107,6 +108,7 @@ class Trainer(DefaultTrainer):
             person = train_classes.index("person") if "person" in train_classes else 0
             return CrowdHumanEvaluator(dataset_name, output_folder, person_class=person)
         if getattr(meta, "evaluator_type", None) == "lvis" or "lvis" in dataset_name:
+            ensure_lvis_numpy_compat()
             return LVISEvaluator(dataset_name, cfg, True, output_folder)
         return COCOEvaluator(
             dataset_name,
