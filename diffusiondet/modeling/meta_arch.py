@@ -231,6 +231,18 @@ class DiffusionDet(nn.Module):
                 so that a batch gives exactly the detections of each image alone).
             do_postprocess: rescale to each input's "height"/"width" (otherwise network-input size).
         """
+        images, whwh, features = self.inference_features(batched_inputs)
+        return self.sample_detections(
+            batched_inputs, images, whwh, features, rng, per_image_rng, do_postprocess
+        )
+
+    @torch.no_grad()
+    def inference_features(self, batched_inputs: List[Dict]):
+        """The backbone part of inference, reusable across sampling settings (``tools/sweep.py``).
+
+        Returns:
+            images (ImageList), whwh (B, 4), features: list of (B, C, H_l, W_l) pooled levels.
+        """
         images, whwh = self.preprocess_image(batched_inputs)
         with self.inference_autocast():
             features = self.extract_features(images)
@@ -238,6 +250,21 @@ class DiffusionDet(nn.Module):
             # detectron2's ROIAlign casts box coordinates to the features' dtype: a bf16 box
             # corner at x = 1000 would move by up to 4 px. Pooling reads fp32 features instead.
             features = [f.float() for f in features]
+        return images, whwh, features
+
+    @torch.no_grad()
+    def sample_detections(
+        self,
+        batched_inputs: List[Dict],
+        images: ImageList,
+        whwh: torch.Tensor,
+        features: List[torch.Tensor],
+        rng: Optional[RandomSource] = None,
+        per_image_rng: Optional[Sequence[RandomSource]] = None,
+        do_postprocess: bool = True,
+    ):
+        """The sampling part of inference on precomputed ``inference_features``; the current
+        ``sampler.steps`` and ``eval_num_proposals`` apply. Arguments as :meth:`inference`."""
 
         def denoise_fn(boxes: torch.Tensor, t: torch.Tensor) -> Dict:
             with self.inference_autocast():
