@@ -14,6 +14,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 
 from diffusiondet.modeling.head import (
+    DynamicHead,
     DynamicConv,
     RefinementStage,
     SinusoidalTimeEmbedding,
@@ -71,7 +72,10 @@ def test_worker_pool_is_created_on_first_use_and_reused(monkeypatch):
     with torch.no_grad():
         assert torch.equal(pooler(features, boxes), serial(features, boxes))
     first = threaded_pooler._executor[1]
-    assert first is not None and threaded_pooler._shared_executor(1) is first
+    try:
+        assert first is not None and threaded_pooler._shared_executor(1) is first
+    finally:
+        first.shutdown(wait=True)  # monkeypatch restores the previous pool
 
 
 @torch.no_grad()
@@ -156,3 +160,57 @@ def test_time_embedding_is_in_the_buffer_dtype_for_float64_timesteps():
     out = emb(torch.tensor([3.0, 999.0], dtype=torch.float64))
     assert out.dtype == torch.float32
     assert torch.equal(out, emb(torch.tensor([3, 999])))
+
+
+def test_time_embedding_sizes_and_its_float32_frequencies():
+    SinusoidalTimeEmbedding(4)
+    for dim in (5, 2, 7):
+        with pytest.raises(ValueError, match=rf"^SinusoidalTimeEmbedding needs an even dim >= 4, got {dim}$"):
+            SinusoidalTimeEmbedding(dim)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert SinusoidalTimeEmbedding(8).frequencies.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
+
+
+# --- DynamicHead ----------------------------------------------------------------------------------
+
+
+def _head(**kwargs):
+    args = dict(num_classes=3, in_channels=16, hidden_dim=16, dim_feedforward=32, nhead=2,
+                num_stages=2, dim_dynamic=4, pooler_scales=SCALES)
+    return DynamicHead(**{**args, **kwargs})
+
+
+def test_dynamic_head_passes_its_settings_to_every_stage():
+    head = _head(dropout=0.2, activation="gelu", num_cls=2, num_reg=1, bbox_weights=(1.0, 1.0, 3.0, 3.0))
+    assert head.num_classes == 3 and head.hidden_dim == 16
+    for stage in head.head_series:
+        assert stage.dropout.p == 0.2 and stage.activation is torch.nn.functional.gelu
+        assert len(stage.cls_module) == 6 and len(stage.reg_module) == 3
+        assert stage.box2box_transform.weights == (1.0, 1.0, 3.0, 3.0)
+    default = _head()
+    assert default.head_series[0].inst_interact.chunk_size == 0
+    assert default.box_pooler.num_threads == 0
+    with pytest.raises(ValueError, match=r"^in_channels \(8\) must equal hidden_dim \(16\): RoI features "
+                                         r"are used directly as object features$"):
+        _head(in_channels=8)
+
+
+def test_threaded_pooler_takes_detectron2_arguments_positionally():
+    pooler = ThreadedROIPooler(3, SCALES, 2, "ROIAlignV2")
+    assert pooler.output_size == (3, 3) and len(pooler.level_poolers) == 4
+    assert pooler.num_threads == 0
+
+
+def test_speed_options_accept_automatic_values_and_reach_every_stage():
+    head = _head()
+    head.set_speed_options(dynamic_chunk_size=5, pooler_threads=0)
+    assert [s.inst_interact.chunk_size for s in head.head_series] == [5, 5]
+    assert head.box_pooler.num_threads == 0
+    head.set_speed_options(dynamic_chunk_size=0, pooler_threads=3)
+    assert head.box_pooler.num_threads == 3
+    with pytest.raises(ValueError, match=r"^dynamic_chunk_size and pooler_threads must be >= 0, got 0 and -1$"):
+        head.set_speed_options(dynamic_chunk_size=0, pooler_threads=-1)
