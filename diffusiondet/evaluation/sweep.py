@@ -90,7 +90,10 @@ def run_sweep(
 
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "sweep_results.json")
-    done = json.load(open(path)) if os.path.exists(path) else {}
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
     pending = [c for c in todo if c.key not in done]
     saved = (model.sampler.steps, model.eval_num_proposals)
     size = group_size or max(len(pending), 1)
