@@ -8,8 +8,7 @@ Only this file, ``from_config`` classmethods and ``diffusiondet/engine`` read a 
 from detectron2.config import CfgNode as CN
 
 from .diffusion import PADDING_STRATEGIES
-from .modeling.meta_arch import INFERENCE_AMP_DTYPES
-from .modeling.sampler import ENSEMBLE_MODES
+from .options import ENSEMBLE_MODES, INFERENCE_AMP_DTYPES
 
 
 def add_diffusiondet_config(cfg):

@@ -1,0 +1,12 @@
+"""Allowed values of string-valued options, shared by config validation and the modules.
+
+Kept apart from ``modeling`` so that ``config.py`` (which only reads and checks a cfg) does not
+import the model code.
+"""
+import torch
+
+# INFERENCE_AMP value -> autocast dtype ("" = full precision).
+INFERENCE_AMP_DTYPES = {"": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Which model calls of a multi-step DDIM run feed the ensemble (see DDIMBoxSampler).
+ENSEMBLE_MODES = ("official", "all_steps")
