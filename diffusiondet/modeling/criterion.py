@@ -24,6 +24,9 @@ from .box_losses import giou_loss_sum, normalized_l1_sum
 from .matcher import DynamicKMatcher
 
 Match = Tuple[torch.Tensor, torch.Tensor]
+
+# Key under which the per-image outputs (B, ...) reach the loss functions of every stage.
+PER_IMAGE = "per_image"
 LossFn = Callable[[Dict, List[Dict], List[Match], float], Dict[str, torch.Tensor]]
 
 
@@ -102,15 +105,19 @@ class SetCriterion(nn.Module):
         """Loss name -> method; override (and extend ``weight_dict``) to add losses."""
         return {"labels": self.loss_labels, "boxes": self.loss_boxes}
 
-    def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: Dict, targets: List[Dict], per_image: Optional[Dict] = None
+    ) -> Dict[str, torch.Tensor]:
         """Match every scored stage and return the weighted losses.
 
         Args:
-            outputs: ``pred_logits`` (S, B, N, K) and ``pred_boxes`` (S, B, N, 4) abs xyxy,
-                stage-major with the final stage last; any other tensor entry is assumed
-                stage-major too and is sliced per stage for subclass losses.
+            outputs: the head's output: stage-major per-proposal tensors (S, B, N, ...) with the
+                final stage last, at least ``pred_logits`` (S, B, N, K) and ``pred_boxes``
+                (S, B, N, 4) abs xyxy; each is sliced per stage for the loss functions.
             targets: B dicts with ``labels`` (G,) long, ``boxes_xyxy`` (G, 4) abs xyxy and
                 ``image_size_xyxy`` (4,) = (w, h, w, h) of the un-padded image; G may be 0.
+            per_image: the head's per-image outputs, name -> (B, ...) (e.g. a mask feature
+                map); every stage's loss functions see them unsliced under ``"per_image"``.
 
         Returns:
             Weighted scalar losses: ``loss_ce``, ``loss_bbox``, ``loss_giou`` for the final stage
@@ -121,6 +128,7 @@ class SetCriterion(nn.Module):
         for stage in self._scored_stages(outputs):
             suffix = "" if stage == self._num_stages(outputs) - 1 else f"_{stage}"
             stage_outputs = self._select_stage(outputs, stage)
+            stage_outputs[PER_IMAGE] = per_image or {}
             matches = self.matcher(
                 stage_outputs["pred_logits"], stage_outputs["pred_boxes"], targets
             )
@@ -155,7 +163,19 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     def _select_stage(outputs: Dict, stage: int) -> Dict:
-        return {k: v[stage] if torch.is_tensor(v) else v for k, v in outputs.items()}
+        """One stage's per-proposal outputs (B, N, ...)."""
+        num_stages = outputs["pred_logits"].shape[0]
+        selected = {}
+        for key, value in outputs.items():
+            if not torch.is_tensor(value) or value.shape[0] != num_stages:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(
+                    f"head output {key!r} ({shape}) is not a stage-major (S={num_stages}, B, N, "
+                    "...) tensor; pass per-image outputs as the criterion's per_image argument"
+                )
+            else:
+                selected[key] = value[stage]
+        return selected
 
     def loss_labels(
         self, outputs: Dict, targets: List[Dict], matches: List[Match], num_pos: float

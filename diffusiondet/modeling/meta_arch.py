@@ -4,13 +4,18 @@ Shape shorthand: B images, N proposals (noisy boxes), S head stages, K classes, 
 Box formats: "abs xyxy" = absolute pixels in the (resized, un-padded) network input image;
 "signal" = normalised cxcywh mapped to (2 b - 1) * snr_scale (see ``diffusiondet.diffusion``).
 
-Extension points used by subclasses (DiffusionInst): ``build_targets`` (extra GT fields),
-``denoise`` (extra per-proposal outputs, carried through sampling and NMS by the sampler) and
-``build_instances`` (extra output fields).
+Extension points used by subclasses (DiffusionInst):
+  * ``build_head`` / ``build_criterion`` / ``build_sampler`` classmethods (components from cfg);
+  * ``build_targets`` (extra GT fields for extra losses);
+  * ``sampled_outputs`` (final-stage per-proposal head outputs carried through sampling, the
+    ensemble, NMS and the cap, e.g. mask filters);
+  * ``build_instances`` / ``resize_instances`` (extra output fields, with the per-image
+    :class:`ImageContext`: sizes and the head's per-image outputs such as a mask feature map).
 """
 import contextlib
 import logging
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,22 +34,44 @@ from ..diffusion import (
     signal_to_boxes,
     xyxy_to_cxcywh,
 )
-from .builders import build_criterion, build_head, build_sampler
+from ..options import INFERENCE_AMP_DTYPES
+from . import builders
 from .criterion import SetCriterion
 from .head import DynamicHead
 from .sampler import DDIMBoxSampler
 
-__all__ = ["DiffusionDet", "INFERENCE_AMP_DTYPES"]
+__all__ = ["DiffusionDet", "INFERENCE_AMP_DTYPES", "ImageContext"]
+
+
+@dataclass
+class ImageContext:
+    """What post-processing may need to know about one image of an inference batch.
+
+    Attributes:
+        index: position of the image in the batch.
+        image_size: (h, w) of the resized, un-padded network input.
+        padded_size: (H, W) of the padded batch tensor (same for all images of a batch).
+        output_size: (height, width) requested for the outputs (the original image size).
+        per_image: the head's per-image outputs for this image, name -> (...) tensor (e.g.
+            DiffusionInst's mask feature map (C, H/4, W/4)); empty for DiffusionDet.
+    """
+
+    index: int
+    image_size: Tuple[int, int]
+    padded_size: Tuple[int, int]
+    output_size: Tuple[int, int]
+    per_image: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 logger = logging.getLogger(__name__)
-
-# INFERENCE_AMP value -> autocast dtype ("" = full precision).
-INFERENCE_AMP_DTYPES = {"": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @META_ARCH_REGISTRY.register()
 class DiffusionDet(nn.Module):
     """DiffusionDet (Chen et al., 2023): detection as denoising diffusion over boxes."""
+
+    # Final-stage head outputs handed to the sampler at every call (all (B, N, ...)); extra
+    # entries are carried row-aligned with the boxes into ``build_instances``.
+    sampled_outputs: Tuple[str, ...] = ("pred_logits", "pred_boxes")
 
     @configurable
     def __init__(
@@ -120,9 +147,9 @@ class DiffusionDet(nn.Module):
         d = cfg.MODEL.DiffusionDet
         return {
             "backbone": backbone,
-            "head": build_head(cfg, [shapes[f] for f in in_features]),
-            "criterion": build_criterion(cfg),
-            "sampler": build_sampler(cfg),
+            "head": cls.build_head(cfg, [shapes[f] for f in in_features]),
+            "criterion": cls.build_criterion(cfg),
+            "sampler": cls.build_sampler(cfg),
             "in_features": in_features,
             "num_proposals": d.NUM_PROPOSALS,
             "eval_num_proposals": d.EVAL_NUM_PROPOSALS or d.NUM_PROPOSALS,
@@ -135,6 +162,19 @@ class DiffusionDet(nn.Module):
             "inference_amp": d.INFERENCE_AMP,
             "compile_head": d.COMPILE_HEAD,
         }
+
+    @classmethod
+    def build_head(cls, cfg, input_shapes) -> DynamicHead:
+        """The head for ``input_shapes`` (ShapeSpecs of the pooled levels); override to extend."""
+        return builders.build_head(cfg, input_shapes)
+
+    @classmethod
+    def build_criterion(cls, cfg) -> SetCriterion:
+        return builders.build_criterion(cfg)
+
+    @classmethod
+    def build_sampler(cls, cfg) -> DDIMBoxSampler:
+        return builders.build_sampler(cfg)
 
     @property
     def device(self) -> torch.device:
@@ -169,9 +209,10 @@ class DiffusionDet(nn.Module):
         return [feats[f] for f in self.in_features]
 
     def denoise(self, features: List[torch.Tensor], boxes: torch.Tensor, t: torch.Tensor) -> Dict:
-        """One model call of the sampler: final-stage predictions for (B, N, 4) abs xyxy boxes at t (B,)."""
+        """One model call of the sampler: the final stage's ``sampled_outputs`` (B, N, ...) for
+        (B, N, 4) abs xyxy boxes at t (B,)."""
         out = self.head(features, boxes, t)
-        return {"pred_logits": out["pred_logits"][-1], "pred_boxes": out["pred_boxes"][-1]}
+        return {key: out[key][-1] for key in self.sampled_outputs}
 
     # ---------------------------------------------------------------- training
     def forward_training(self, batched_inputs: List[Dict], rng: Optional[RandomSource] = None):
@@ -180,7 +221,7 @@ class DiffusionDet(nn.Module):
         targets = self.build_targets(batched_inputs, whwh)
         noisy_boxes, t = self.corrupt_targets(targets, whwh, rng)
         outputs = self.head(features, noisy_boxes, t)
-        return self.criterion(outputs, targets)
+        return self.criterion(outputs, targets, self.head.per_image_outputs(features))
 
     def build_targets(self, batched_inputs: List[Dict], whwh: torch.Tensor) -> List[Dict]:
         """Per-image dicts: labels (G,), boxes_xyxy (G, 4) abs, image_size_xyxy (4,) whwh."""
@@ -274,7 +315,7 @@ class DiffusionDet(nn.Module):
             # Scores, renewal and NMS stay in fp32: bf16 logits would tie many scores.
             return {k: _to_fp32(v) for k, v in out.items()}
 
-        detections = self.sampler(
+        candidates = self.sampler.sample_candidates(
             denoise_fn,
             self.alphas_cumprod,
             whwh,
@@ -282,13 +323,46 @@ class DiffusionDet(nn.Module):
             rng=rng,
             per_image_rng=per_image_rng,
         )
-        results = []
-        for det, x, size in zip(detections, batched_inputs, images.image_sizes):
-            inst = self.build_instances(det, size)
-            if do_postprocess:
-                inst = detector_postprocess(inst, x.get("height", size[0]), x.get("width", size[1]))
-            results.append({"instances": inst})
-        return results
+        contexts = self.image_contexts(batched_inputs, images, features)
+        return [
+            {"instances": self.postprocess(image_candidates, ctx, do_postprocess)}
+            for image_candidates, ctx in zip(candidates, contexts)
+        ]
+
+    def image_contexts(
+        self, batched_inputs: List[Dict], images: ImageList, features: List[torch.Tensor]
+    ) -> List[ImageContext]:
+        """One :class:`ImageContext` per image; the head's per-image outputs are computed here,
+        once per batch (they depend on neither the boxes nor t)."""
+        with self.inference_autocast():
+            per_image = self.head.per_image_outputs(features)
+        per_image = {k: _to_fp32(v) for k, v in per_image.items()}
+        padded = tuple(images.tensor.shape[-2:])
+        contexts = []
+        for b, (x, size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            contexts.append(
+                ImageContext(
+                    index=b,
+                    image_size=tuple(size),
+                    padded_size=padded,
+                    output_size=(x.get("height", size[0]), x.get("width", size[1])),
+                    per_image={k: v[b] for k, v in per_image.items()},
+                )
+            )
+        return contexts
+
+    def postprocess(
+        self, candidates: List[Dict[str, torch.Tensor]], ctx: ImageContext, do_postprocess: bool = True
+    ) -> Instances:
+        """One image's candidates (one dict per ensembled call) -> its final Instances.
+
+        Merge, class-aware NMS and the cap (``sampler.select_detections``), then
+        :meth:`build_instances` in the network-input frame and, with ``do_postprocess``,
+        :meth:`resize_instances` to ``ctx.output_size``.
+        """
+        det = self.sampler.select_detections(candidates)
+        inst = self.build_instances(det, ctx)
+        return self.resize_instances(inst, ctx) if do_postprocess else inst
 
     def inference_autocast(self):
         """The autocast context of ``inference_amp`` on the model's device (a no-op when off)."""
@@ -297,13 +371,18 @@ class DiffusionDet(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def build_instances(self, det: Dict[str, torch.Tensor], image_size) -> Instances:
-        """Sampler output (boxes abs xyxy, scores, classes) -> Instances in the network-input frame."""
-        inst = Instances(image_size)
+    def build_instances(self, det: Dict[str, torch.Tensor], ctx: ImageContext) -> Instances:
+        """Detections (boxes (M, 4) abs xyxy, scores, classes, extra fields) of one image ->
+        Instances in the network-input frame ``ctx.image_size``."""
+        inst = Instances(ctx.image_size)
         inst.pred_boxes = Boxes(det["boxes"])
         inst.scores = det["scores"]
         inst.pred_classes = det["classes"]
         return inst
+
+    def resize_instances(self, inst: Instances, ctx: ImageContext) -> Instances:
+        """Rescale to ``ctx.output_size``, clip the boxes and drop empty ones."""
+        return detector_postprocess(inst, *ctx.output_size)
 
 
 def _to_fp32(value):

@@ -22,18 +22,23 @@ from ..diffusion import (
     renew_and_step,
     signal_to_boxes,
 )
+from ..options import ENSEMBLE_MODES
 from .postprocess import cap_detections, merge_candidates, nms_candidates, topk_candidates
 
 # denoise_fn(boxes (B, N, 4) abs xyxy, t (B,) long) -> {"pred_logits": (B, N, K),
-# "pred_boxes": (B, N, 4) abs xyxy, optional extra (B, N, ...) fields}.
+# "pred_boxes": (B, N, 4) abs xyxy, optional extra per-proposal (B, N, ...) fields}. Per-image
+# outputs (e.g. a mask feature map) do not belong here: they do not change between calls.
 DenoiseFn = Callable[[Tensor, Tensor], Dict[str, Tensor]]
 
-ENSEMBLE_MODES = ("official", "all_steps")
 _PREDICTION_KEYS = ("pred_logits", "pred_boxes")
 
 
 class DDIMBoxSampler:
-    """DDIM loop over (t, t_next) pairs: denoise, ensemble candidates, renew boxes, step.
+    """DDIM loop over (t, t_next) pairs: denoise, collect candidates, renew boxes, step.
+
+    :meth:`sample_candidates` is the loop; :meth:`select_detections` (merge the ensembled
+    calls, NMS, cap) is the post-processing the meta-architecture runs per image, with that
+    image's context; calling the sampler does both.
 
     Args:
         steps: S, number of model calls (SAMPLE_STEP).
@@ -114,7 +119,28 @@ class DDIMBoxSampler:
         rng: Optional[RandomSource] = None,
         per_image_rng: Optional[Sequence[RandomSource]] = None,
     ) -> List[Dict[str, Tensor]]:
-        """Sample detections for a batch of images.
+        """:meth:`sample_candidates` then :meth:`select_detections` for every image.
+
+        Returns:
+            B dicts: ``boxes`` (M, 4) abs xyxy in the network input image (not clipped),
+            ``scores`` (M,), ``classes`` (M,) long, plus the extra fields (M, ...); sorted by
+            score descending when NMS or a detection cap is applied.
+        """
+        candidates = self.sample_candidates(
+            denoise_fn, alphas_cumprod, image_whwh, num_boxes, rng, per_image_rng
+        )
+        return [self.select_detections(image_candidates) for image_candidates in candidates]
+
+    def sample_candidates(
+        self,
+        denoise_fn: DenoiseFn,
+        alphas_cumprod: Tensor,
+        image_whwh: Tensor,
+        num_boxes: int,
+        rng: Optional[RandomSource] = None,
+        per_image_rng: Optional[Sequence[RandomSource]] = None,
+    ) -> List[List[Dict[str, Tensor]]]:
+        """Run DDIM for a batch of images and return the candidates of the ensembled calls.
 
         Random draws, per image b in order (through ``per_image_rng[b]`` if given, else the shared
         ``rng``, default ``TorchRandom`` on ``image_whwh``'s device): x_T[b] ~ randn((N, 4)); then
@@ -123,9 +149,9 @@ class DDIMBoxSampler:
         per-image sources equals running each image alone.
 
         Args:
-            denoise_fn: one model call, see ``DenoiseFn``; extra output fields of shape
-                (B, N, ...) are carried into the detections under the same key; other entries
-                are ignored.
+            denoise_fn: one model call, see ``DenoiseFn``; every output other than logits and
+                boxes must be a per-proposal (B, N, ...) tensor and is carried into the
+                candidates under the same key.
             alphas_cumprod: (T,) float64 ᾱ buffer; T sets the time pairs.
             image_whwh: (B, 4) (w, h, w, h) of each un-padded network input image.
             num_boxes: N, proposals per image.
@@ -133,9 +159,9 @@ class DDIMBoxSampler:
             per_image_rng: B random sources, one per image (takes precedence over ``rng``).
 
         Returns:
-            B dicts: ``boxes`` (M, 4) abs xyxy in the network input image (not clipped),
-            ``scores`` (M,), ``classes`` (M,) long, plus the extra fields (M, ...); sorted by
-            score descending when NMS or a detection cap is applied.
+            per image, one candidate dict per ensembled call (see ``postprocess``): ``boxes``
+            (M, 4) abs xyxy, ``scores`` (M,), ``classes`` (M,) long and the extra fields
+            (M, ...), each sorted by score descending.
         """
         batch = image_whwh.shape[0]
         device = image_whwh.device
@@ -163,7 +189,7 @@ class DDIMBoxSampler:
             eps = predict_noise_from_start(x, time, x0, alphas_cumprod)
 
             if self._ensembles_call(t_next):
-                extras = _extra_fields(outputs, batch, num_boxes)
+                extras = per_proposal_extras(outputs, batch, num_boxes)
                 per_call_candidates.append(
                     topk_candidates(logits, pred_boxes, extras, num_boxes, self.use_focal)
                 )
@@ -180,23 +206,34 @@ class DDIMBoxSampler:
                 draw,
                 renew=self.box_renewal,
             )
-        return [self._finalize([call[b] for call in per_call_candidates]) for b in range(batch)]
+        return [[call[b] for call in per_call_candidates] for b in range(batch)]
 
-    def _finalize(self, candidates: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        """Merge one image's per-call candidates, NMS, cap."""
+    def select_detections(self, candidates: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """Merge one image's per-call candidates, then class-aware NMS and the detection cap.
+
+        Args:
+            candidates: that image's entry of :meth:`sample_candidates`.
+
+        Returns:
+            the detections, a candidate dict (sorted by score when NMS or the cap applies).
+        """
         merged = merge_candidates(candidates)
         if self.use_nms:
             merged = nms_candidates(merged, self.nms_threshold)
         return cap_detections(merged, self.detections_per_image)
 
 
-def _extra_fields(outputs: Dict[str, Tensor], batch: int, num_boxes: int) -> Dict[str, Tensor]:
-    """The (B, N, ...) tensors of a denoise_fn output other than logits and boxes."""
-    return {
-        name: value
-        for name, value in outputs.items()
-        if name not in _PREDICTION_KEYS
-        and isinstance(value, Tensor)
-        and value.dim() >= 2
-        and tuple(value.shape[:2]) == (batch, num_boxes)
-    }
+def per_proposal_extras(outputs: Dict[str, Tensor], batch: int, num_boxes: int) -> Dict[str, Tensor]:
+    """The outputs of one model call other than logits and boxes, checked to be (B, N, ...)."""
+    extras = {}
+    for name, value in outputs.items():
+        if name in _PREDICTION_KEYS:
+            continue
+        if not isinstance(value, Tensor) or value.dim() < 2 or tuple(value.shape[:2]) != (batch, num_boxes):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"denoise_fn output {name!r} ({shape}) is not a per-proposal (B={batch}, "
+                f"N={num_boxes}, ...) tensor; return per-image outputs from elsewhere"
+            )
+        extras[name] = value
+    return extras

@@ -94,7 +94,9 @@ def test_official_parity(parity):
     boxes, pro_features = noisy_boxes.float(), None
     for s, stage in enumerate(head.head_series):
         roi_features = head.pool(features, boxes)
-        logits, pred_boxes, pro_features = stage(roi_features, boxes, pro_features, time_emb)
+        stage_out = stage(roi_features, boxes, pro_features, time_emb)
+        logits, pred_boxes = stage_out["pred_logits"], stage_out["pred_boxes"]
+        pro_features = stage_out["obj_features"]
         assert (logits - ref_logits[s]).abs().max() <= 1e-4, f"stage {s} logits"
         assert _scaled_box_error(pred_boxes, ref_boxes[s], boxes) <= 1e-4, f"stage {s} boxes"
         if s == 0:

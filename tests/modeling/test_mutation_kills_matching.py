@@ -200,7 +200,7 @@ def test_softmax_training_is_refused_with_the_official_message():
 
 
 class _CriterionWithExtraLoss(SetCriterion):
-    """The documented extension point: one more loss reading a non-tensor output entry."""
+    """The documented extension point: one more loss reading a per-image output."""
 
     def get_loss_functions(self):
         fns = super().get_loss_functions()
@@ -208,19 +208,23 @@ class _CriterionWithExtraLoss(SetCriterion):
         return fns
 
     def loss_extra(self, outputs, targets, matches, num_pos):
-        self.seen.append(outputs["note"])
+        self.seen.append(outputs["per_image"]["note"])
         return {"loss_extra": outputs["pred_logits"].sum() * 0.0}
 
 
-def test_subclass_losses_see_non_tensor_outputs_unsliced():
+def test_subclass_losses_see_per_image_outputs_unsliced():
     crit = _CriterionWithExtraLoss(num_classes=3, matcher=DynamicKMatcher())
     crit.weight_dict["loss_extra"] = 1.0
     crit.seen = []
     assert list(crit.get_loss_functions()) == ["labels", "boxes", "extra"]
     outputs, targets, _ = _two_image_batch()
     staged = {k: torch.stack([v, v]) for k, v in outputs.items()}
-    losses = crit({**staged, "note": "kept whole"}, targets)
+    losses = crit(staged, targets, per_image={"note": "kept whole"})
     assert crit.seen == ["kept whole", "kept whole"]
+    # Anything that is not stage-major is refused instead of being sliced by accident: an
+    # (B, 8, H, W) map with B = S would otherwise be cut per stage.
+    with pytest.raises(ValueError, match="stage-major"):
+        crit({**staged, "mask_feat": torch.zeros(3, 8, 4, 4)}, targets)
     assert {"loss_extra", "loss_extra_0", "loss_ce_0", "loss_giou"} <= set(losses)
     assert not math.isnan(float(losses["loss_ce"]))
 

@@ -31,8 +31,7 @@ def alphas_cumprod():
 class ToyDenoiser:
     """Per-image deterministic: boxes pulled towards an anchor, scores from the box centres.
 
-    Extras: "filters" (B, N, 5) = [pred box, t] so alignment and the calling step are visible;
-    "stacked" has no (B, N) leading dims and must be ignored.
+    Extras: "filters" (B, N, 5) = [pred box, t] so alignment and the calling step are visible.
     """
 
     def __init__(self):
@@ -46,8 +45,7 @@ class ToyDenoiser:
         phase = torch.arange(K, dtype=torch.float32)
         logits = 3.0 * torch.sin(centre[..., :1] * 0.37 + centre[..., 1:] * 0.11 + phase)
         filters = torch.cat([pred, t[:, None, None].float().expand(*pred.shape[:2], 1)], -1)
-        return {"pred_logits": logits, "pred_boxes": pred, "filters": filters,
-                "stacked": torch.zeros(6, 1, 1)}
+        return {"pred_logits": logits, "pred_boxes": pred, "filters": filters}
 
 
 def _per_image_sources(seeds):
@@ -225,3 +223,14 @@ def test_per_image_rng_length_checked(alphas_cumprod):
         DDIMBoxSampler(steps=1)(
             ToyDenoiser(), alphas_cumprod, WHWH, N, per_image_rng=_per_image_sources([1])
         )
+
+
+def test_outputs_that_are_not_per_proposal_are_refused(alphas_cumprod):
+    # A per-image map, e.g. (B, 8, H, W), must not be gathered per proposal by accident (with
+    # N = 8 its leading dims would even look right for another B): the sampler refuses it.
+    def denoise(boxes, t):
+        out = ToyDenoiser()(boxes, t)
+        return {**out, "mask_feat": torch.zeros(boxes.shape[0], 8, 6, 6)}
+
+    with pytest.raises(ValueError, match="mask_feat"):
+        DDIMBoxSampler(steps=1)(denoise, alphas_cumprod, WHWH, N)

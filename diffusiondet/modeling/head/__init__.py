@@ -1,6 +1,6 @@
 """DiffusionDet's denoising head: time embedding, DynamicConv, refinement stages, DynamicHead."""
 from .dynamic_conv import DynamicConv
-from .dynamic_head import DynamicHead
+from .dynamic_head import DynamicHead, xavier_init_matrices
 from .refinement_stage import RefinementStage
 from .threaded_pooler import ThreadedROIPooler
 from .time_embedding import SinusoidalTimeEmbedding, build_time_mlp
@@ -12,4 +12,5 @@ __all__ = [
     "SinusoidalTimeEmbedding",
     "ThreadedROIPooler",
     "build_time_mlp",
+    "xavier_init_matrices",
 ]

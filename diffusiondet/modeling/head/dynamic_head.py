@@ -7,7 +7,7 @@ Boxes are abs xyxy (absolute pixel x1y1x2y2 in the un-padded input image frame).
 """
 import copy
 import math
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
 
 import torch
 from detectron2.structures import Boxes
@@ -17,7 +17,7 @@ from .refinement_stage import ACTIVATIONS, RefinementStage
 from .threaded_pooler import ThreadedROIPooler
 from .time_embedding import build_time_mlp
 
-__all__ = ["DynamicHead"]
+__all__ = ["DynamicHead", "xavier_init_matrices"]
 
 
 class DynamicHead(nn.Module):
@@ -25,6 +25,10 @@ class DynamicHead(nn.Module):
 
     State-dict keys are the official ones: ``head_series.{i}.*`` and ``time_mlp.{1,3}.*``; the
     pooler and box decoder are stateless.
+
+    Extension points (DiffusionInst): ``stage_class`` / ``stage_kwargs`` build the stages from a
+    :class:`RefinementStage` subclass whose extra per-proposal outputs are stacked stage-major,
+    and :meth:`per_image_outputs` adds outputs computed once per image (e.g. a mask feature map).
     """
 
     def __init__(
@@ -53,6 +57,8 @@ class DynamicHead(nn.Module):
         scale_clamp: float = math.log(100000.0 / 16),
         dynamic_chunk_size: int = 0,
         pooler_threads: int = 0,
+        stage_class: Type[RefinementStage] = RefinementStage,
+        stage_kwargs: Optional[Mapping[str, Any]] = None,
     ):
         """
         Args:
@@ -76,6 +82,8 @@ class DynamicHead(nn.Module):
             dynamic_chunk_size: proposals per DynamicConv chunk; 0 = automatic.
             pooler_threads: threads of the CPU inference RoI pooling (bit-identical output);
                 0 = ``torch.get_num_threads()``, 1 = detectron2's serial ``ROIPooler``.
+            stage_class: the refinement stage, :class:`RefinementStage` or a subclass.
+            stage_kwargs: extra keyword arguments of ``stage_class`` (beyond the ones above).
         """
         super().__init__()
         if in_channels != hidden_dim:
@@ -101,7 +109,7 @@ class DynamicHead(nn.Module):
             num_threads=pooler_threads,
         )
         self.time_mlp = build_time_mlp(hidden_dim)
-        stage = RefinementStage(
+        stage = stage_class(
             num_logits=self.num_logits,
             hidden_dim=hidden_dim,
             pooler_resolution=pooler_resolution,
@@ -116,9 +124,10 @@ class DynamicHead(nn.Module):
             bbox_weights=bbox_weights,
             scale_clamp=scale_clamp,
             dynamic_chunk_size=dynamic_chunk_size,
+            **dict(stage_kwargs or {}),
         )
-        _xavier_init(self.time_mlp)
-        _xavier_init(stage)
+        xavier_init_matrices(self.time_mlp)
+        xavier_init_matrices(stage)
         if use_focal:
             # Only the classifier bias: the official rule "any tensor whose last dim is K" also
             # hits bboxes_delta.bias (K=4) or inst_interact.norm1 (K=64), see spec §3.6.
@@ -152,7 +161,10 @@ class DynamicHead(nn.Module):
         return self.box_pooler(features, [Boxes(image_boxes) for image_boxes in boxes])
 
     def forward(
-        self, features: List[torch.Tensor], init_boxes: torch.Tensor, t: torch.Tensor
+        self,
+        features: List[torch.Tensor],
+        init_boxes: torch.Tensor,
+        t: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -162,11 +174,13 @@ class DynamicHead(nn.Module):
             t: (B,) diffusion timesteps (integers in [0, T)).
 
         Returns:
-            dict with
-              "pred_logits": (S, B, N, K) class logits, stage-major;
+            dict with stage-major per-proposal tensors (S, B, N, ...):
+              "pred_logits": (S, B, N, K) class logits;
               "pred_boxes": (S, B, N, 4) abs xyxy refined boxes;
-              "obj_features": (S, B, N, D) per-stage object features before time modulation
-                (hook for heads that derive extra outputs, e.g. DiffusionInst's mask filters).
+              "obj_features": (S, B, N, D) per-stage object features before time modulation;
+              plus the stages' ``extra_outputs``.
+            Outputs that depend on the image only come from :meth:`per_image_outputs`, a
+            separate call: they do not change between sampling steps.
         """
         boxes = init_boxes.to(torch.promote_types(features[0].dtype, torch.float32))
         # One embedding per distinct timestep. At inference all images share t, and a GEMM over
@@ -175,28 +189,34 @@ class DynamicHead(nn.Module):
         unique_t, time_index = torch.unique(t, return_inverse=True)  # (U,), (B,)
         time_emb = self.time_mlp(unique_t)  # (U, 4D), shared by all stages
         pro_features = None
-        stage_logits, stage_boxes, stage_features = [], [], []
+        per_stage: List[Dict[str, torch.Tensor]] = []
         for stage in self.head_series:
             roi_features = self.pool(features, boxes)  # (B·N, D, R, R)
-            logits, pred_boxes, pro_features = stage(
-                roi_features, boxes, pro_features, time_emb, time_index
-            )
+            stage_out = stage(roi_features, boxes, pro_features, time_emb, time_index)
+            pro_features = stage_out["obj_features"]
             if self.deep_supervision:
-                stage_logits.append(logits)
-                stage_boxes.append(pred_boxes)
-                stage_features.append(pro_features)
+                per_stage.append(stage_out)
             # Each stage learns to refine a fixed input; gradients do not chain through boxes.
-            boxes = pred_boxes.detach()
+            boxes = stage_out["pred_boxes"].detach()
         if not self.deep_supervision:
-            stage_logits, stage_boxes, stage_features = [logits], [pred_boxes], [pro_features]
-        return {
-            "pred_logits": torch.stack(stage_logits),
-            "pred_boxes": torch.stack(stage_boxes),
-            "obj_features": torch.stack(stage_features),
-        }
+            per_stage = [stage_out]
+        return {key: torch.stack([out[key] for out in per_stage]) for key in per_stage[0]}
+
+    def per_image_outputs(self, features: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Hook for subclasses: outputs that depend on the image only (none here), computed
+        once per training step and once per image at inference (not once per sampling step).
+
+        Args:
+            features: the L feature maps given to :meth:`forward`, each (B, D, H_l, W_l).
+
+        Returns:
+            name -> (B, ...) tensors.
+        """
+        return {}
 
 
-def _xavier_init(module: nn.Module) -> None:
+def xavier_init_matrices(module: nn.Module) -> None:
+    """Xavier-uniform initialisation of every parameter with 2+ dims (the official head init)."""
     # Matrices (and any ≥2-D tensor) only; biases keep PyTorch defaults, LayerNorms stay 1/0.
     for param in module.parameters():
         if param.dim() > 1:

@@ -3,7 +3,7 @@
 Shape legend: B images, N proposals per image, D = hidden_dim, E = 4·D (time-embedding width),
 K class logits, R = pooler_resolution (P = R² RoI bins).
 """
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,10 @@ class RefinementStage(nn.Module):
     Module names equal the official ones (``self_attn``, ``inst_interact``, ``linear1/2``,
     ``norm1..3``, ``block_time_mlp.1``, ``cls_module``, ``reg_module``, ``class_logits``,
     ``bboxes_delta``) so official checkpoints load without renaming.
+
+    Extension point: a subclass adds modules in ``__init__`` (under the official key, e.g.
+    DiffusionInst's ``controller``) and returns extra per-proposal outputs from
+    :meth:`extra_outputs`; :class:`DynamicHead` builds its stages from ``stage_class``.
     """
 
     def __init__(
@@ -107,7 +111,7 @@ class RefinementStage(nn.Module):
         pro_features: Optional[torch.Tensor],
         time_emb: torch.Tensor,
         time_index: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             roi_features: (B·N, D, R, R) features pooled at ``boxes``, image-major.
@@ -119,11 +123,13 @@ class RefinementStage(nn.Module):
             time_index: optional (B,) long, the row of ``time_emb`` of each image.
 
         Returns:
-            logits: (B, N, K) class logits.
-            pred_boxes: (B, N, 4) abs xyxy refined boxes, float32 (detectron2 decodes in fp32
-                whatever the feature dtype).
-            obj_features: (B, N, D) object features before time modulation; the next stage's
-                ``pro_features``.
+            dict of per-proposal outputs, each (B, N, ...):
+              "pred_logits": (B, N, K) class logits;
+              "pred_boxes": (B, N, 4) abs xyxy refined boxes, float32 (detectron2 decodes in
+                fp32 whatever the feature dtype);
+              "obj_features": (B, N, D) object features before time modulation, the next
+                stage's ``pro_features``;
+              plus whatever :meth:`extra_outputs` returns.
         """
         num_images, num_boxes = boxes.shape[:2]
         roi = roi_features.flatten(2)  # (B·N, D, P)
@@ -157,4 +163,34 @@ class RefinementStage(nn.Module):
         logits = self.class_logits(cls_feature)  # (B, N, K)
         deltas = self.bboxes_delta(reg_feature)  # (B, N, 4)
         pred_boxes = self.box2box_transform.apply_deltas(deltas.flatten(0, 1), boxes.flatten(0, 1))
-        return logits, pred_boxes.view(num_images, num_boxes, 4), obj_features
+        outputs = {
+            "pred_logits": logits,
+            "pred_boxes": pred_boxes.view(num_images, num_boxes, 4),
+            "obj_features": obj_features,
+        }
+        outputs.update(
+            self.extra_outputs(
+                obj_features=obj_features, cls_feature=cls_feature, reg_feature=reg_feature
+            )
+        )
+        return outputs
+
+    def extra_outputs(
+        self,
+        *,
+        obj_features: torch.Tensor,
+        cls_feature: torch.Tensor,
+        reg_feature: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:
+        """Hook for subclasses: extra per-proposal outputs of this stage (none here).
+
+        Args:
+            obj_features: (B, N, D) object features before time modulation.
+            cls_feature: (B, N, D) output of the time-modulated classification tower.
+            reg_feature: (B, N, D) output of the time-modulated regression tower (the input of
+                ``bboxes_delta``).
+
+        Returns:
+            name -> (B, N, ...) tensors; the head stacks them stage-major like the logits.
+        """
+        return {}
