@@ -83,15 +83,25 @@ def _check_override_keys(cfg, opts):
             node = node[part]
 
 
-def build_config(config_file="", opts=(), steps=None, boxes=None):
-    """Build and validate a (not yet frozen) config; registers DATASETS.CUSTOM data."""
+def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=()):
+    """Build and validate a (not yet frozen) config; registers DATASETS.CUSTOM data.
+
+    Args:
+        extensions: ``(add_fn, validate_fn)`` pairs of detectors built on DiffusionDet (e.g.
+            DiffusionInst's): ``add_fn(cfg)`` runs after ``add_diffusiondet_config``,
+            ``validate_fn(cfg)`` after ``validate_diffusiondet_config``.
+    """
     cfg = get_cfg()
     add_diffusiondet_config(cfg)
+    for add_fn, _ in extensions:
+        add_fn(cfg)
     if config_file:
         cfg.merge_from_file(config_file)
     opts = list(opts) + shorthand_opts(steps, boxes)
     _check_override_keys(cfg, opts)
     cfg.merge_from_list(opts)
     validate_diffusiondet_config(cfg)
+    for _, validate_fn in extensions:
+        validate_fn(cfg)
     register_custom_datasets(cfg)
     return cfg

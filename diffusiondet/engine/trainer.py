@@ -112,7 +112,7 @@ class Trainer(DefaultTrainer):
             return LVISEvaluator(dataset_name, cfg, True, output_folder)
         return COCOEvaluator(
             dataset_name,
-            tasks=("bbox",),
+            tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
             distributed=True,
             output_dir=output_folder,
             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,

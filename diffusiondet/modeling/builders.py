@@ -1,10 +1,12 @@
 """Config -> component builders used by ``DiffusionDet.from_config``.
 
 This is the only place in ``modeling/`` (besides ``from_config``) that reads a cfg: the head,
-matcher, criterion and sampler themselves take plain keyword arguments.
+matcher, criterion and sampler themselves take plain keyword arguments. Each ``*_kwargs``
+function returns those arguments, so a subclass (DiffusionInst) builds its own head or criterion
+class from them plus its extra arguments without repeating them.
 """
 import logging
-from typing import List
+from typing import Any, Dict, List
 
 import torch
 
@@ -20,13 +22,14 @@ from .sampler import DDIMBoxSampler
 logger = logging.getLogger(__name__)
 
 
-def build_head(cfg, input_shapes: List[ShapeSpec]) -> DynamicHead:
+def head_kwargs(cfg, input_shapes: List[ShapeSpec]) -> Dict[str, Any]:
+    """:class:`DynamicHead` arguments for pooled levels of ``input_shapes`` (finest first)."""
     d = cfg.MODEL.DiffusionDet
     channels = {s.channels for s in input_shapes}
     if len(channels) != 1:
         raise ValueError(f"All pooled feature levels must have the same channels, got {channels}")
     box_head = cfg.MODEL.ROI_BOX_HEAD
-    return DynamicHead(
+    return dict(
         num_classes=d.NUM_CLASSES,
         in_channels=channels.pop(),
         pooler_resolution=box_head.POOLER_RESOLUTION,
@@ -52,6 +55,10 @@ def build_head(cfg, input_shapes: List[ShapeSpec]) -> DynamicHead:
     )
 
 
+def build_head(cfg, input_shapes: List[ShapeSpec]) -> DynamicHead:
+    return DynamicHead(**head_kwargs(cfg, input_shapes))
+
+
 def _fed_loss_weights(cfg) -> torch.Tensor:
     d = cfg.MODEL.DiffusionDet
     names = cfg.DATASETS.TRAIN
@@ -65,9 +72,9 @@ def _fed_loss_weights(cfg) -> torch.Tensor:
     return torch.ones(d.NUM_CLASSES)
 
 
-def build_criterion(cfg) -> SetCriterion:
+def matcher_kwargs(cfg) -> Dict[str, Any]:
     d = cfg.MODEL.DiffusionDet
-    matcher = DynamicKMatcher(
+    return dict(
         cost_class=d.CLASS_WEIGHT,
         cost_bbox=d.L1_WEIGHT,
         cost_giou=d.GIOU_WEIGHT,
@@ -80,9 +87,14 @@ def build_criterion(cfg) -> SetCriterion:
         not_in_both_cost=d.NOT_IN_BOTH_COST,
         not_fg_cost=d.NOT_FG_COST,
     )
-    return SetCriterion(
+
+
+def criterion_kwargs(cfg) -> Dict[str, Any]:
+    """:class:`SetCriterion` arguments, with its :class:`DynamicKMatcher` built."""
+    d = cfg.MODEL.DiffusionDet
+    return dict(
         num_classes=d.NUM_CLASSES,
-        matcher=matcher,
+        matcher=DynamicKMatcher(**matcher_kwargs(cfg)),
         class_weight=d.CLASS_WEIGHT,
         l1_weight=d.L1_WEIGHT,
         giou_weight=d.GIOU_WEIGHT,
@@ -97,9 +109,13 @@ def build_criterion(cfg) -> SetCriterion:
     )
 
 
-def build_sampler(cfg) -> DDIMBoxSampler:
+def build_criterion(cfg) -> SetCriterion:
+    return SetCriterion(**criterion_kwargs(cfg))
+
+
+def sampler_kwargs(cfg) -> Dict[str, Any]:
     d = cfg.MODEL.DiffusionDet
-    return DDIMBoxSampler(
+    return dict(
         steps=d.SAMPLE_STEP,
         eta=d.DDIM_ETA,
         snr_scale=d.SNR_SCALE,
@@ -112,3 +128,7 @@ def build_sampler(cfg) -> DDIMBoxSampler:
         detections_per_image=d.DETECTIONS_PER_IMAGE,
         skip_unused_calls=d.SKIP_UNUSED_CALLS,
     )
+
+
+def build_sampler(cfg) -> DDIMBoxSampler:
+    return DDIMBoxSampler(**sampler_kwargs(cfg))
