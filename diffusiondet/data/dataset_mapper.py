@@ -7,10 +7,12 @@ Boxes come in any detectron2 ``BoxMode`` (COCO json: abs xywh) and leave as abs 
 Bad input never crashes training: an unreadable, missing or wrongly sized image is logged and the
 mapper returns None, so detectron2's ``MapDataset`` substitutes another sample; annotations with
 malformed, non-finite or empty boxes, or boxes lying entirely outside the image, are dropped and
-boxes reaching more than a pixel beyond it are clipped, with one warning per image naming the file
-and the counts. At test time the same image problems raise :class:`ImageLoadError`, because an
-evaluation must not silently skip images. Images are read by :mod:`.image_io` (EXIF orientation
-applied, 16-bit grayscale reduced to 8 bits, Pillow's decompression-bomb limit kept).
+boxes reaching more than a pixel beyond it are clipped; with masks on, annotations whose
+segmentation is missing, empty or malformed (no polygon of at least 3 finite points, an RLE of
+another size) are dropped too. One warning per image names the file and the counts. At test time
+the same image problems raise :class:`ImageLoadError`, because an evaluation must not silently
+skip images. Images are read by :mod:`.image_io` (EXIF orientation applied, 16-bit grayscale
+reduced to 8 bits, Pillow's decompression-bomb limit kept).
 """
 import copy
 import importlib.util
@@ -23,7 +25,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BoxMode, Instances
+from detectron2.structures import BitMasks, BoxMode, Instances, PolygonMasks
 from PIL import Image
 
 from .augmentation import RandomChoiceOfAugmentations, build_diffusiondet_train_augmentation
@@ -48,9 +50,11 @@ class DiffusionDetDatasetMapper:
     Output dict: the input fields plus ``"image"``, a (3, H, W) uint8 tensor in ``image_format``
     channel order, and in training ``"instances"``: ``Instances`` with ``gt_boxes``
     (``Boxes`` (G, 4) abs xyxy), ``gt_classes`` ((G,) int64) and, with ``mask_on``,
-    ``gt_masks`` (``PolygonMasks`` or (G, H, W) ``BitMasks``). Crowd (``iscrowd=1``) objects are
-    removed in training and boxes left empty by clipping are dropped; images without annotations
-    keep an empty ``Instances``.
+    ``gt_masks`` (``PolygonMasks`` or (G, H, W) bool ``BitMasks``, row i belonging to box i;
+    segmentations may be polygons or compressed/uncompressed COCO RLE). Crowd (``iscrowd=1``)
+    objects are removed in training and boxes (or masks) left empty by clipping are dropped with
+    their masks (boxes); images without annotations keep an empty ``Instances`` (with empty
+    ``gt_masks`` when ``mask_on``).
     """
 
     @configurable
@@ -158,8 +162,17 @@ class DiffusionDetDatasetMapper:
     ) -> Instances:
         annotations = [a for a in annotations if a.get("iscrowd", 0) == 0]
         status = _box_status(annotations, original_hw)
-        _warn_about_boxes(status, original_hw, file_name)
         annotations = [a for a, code in zip(annotations, status) if code in (_OK, _CLIPPED)]
+        num_bad_segmentations = 0
+        if self.mask_on:
+            segmentations = [
+                _clean_segmentation(a.get("segmentation"), original_hw) for a in annotations
+            ]
+            num_bad_segmentations = sum(s is None for s in segmentations)
+            for anno, segmentation in zip(annotations, segmentations):
+                anno["segmentation"] = segmentation
+            annotations = [a for a in annotations if a["segmentation"] is not None]
+        _warn_about_annotations(status, num_bad_segmentations, original_hw, file_name)
         for anno in annotations:
             anno.pop("keypoints", None)
             if not self.mask_on:
@@ -178,6 +191,11 @@ class DiffusionDetDatasetMapper:
         instances = utils.annotations_to_instances(
             annotations, image_hw, mask_format=self.mask_format
         )
+        if self.mask_on and not instances.has("gt_masks"):  # no annotations left
+            if self.mask_format == "bitmask":
+                instances.gt_masks = BitMasks(torch.zeros((0, *image_hw), dtype=torch.bool))
+            else:
+                instances.gt_masks = PolygonMasks([])
         return utils.filter_empty_instances(instances)
 
 
@@ -215,13 +233,20 @@ def _box_status(annotations: List[dict], image_hw: Sequence[int]) -> np.ndarray:
     return status
 
 
-def _warn_about_boxes(status: np.ndarray, image_hw: Sequence[int], file_name: str) -> None:
+def _warn_about_annotations(
+    status: np.ndarray, num_bad_segmentations: int, image_hw: Sequence[int], file_name: str
+) -> None:
     counts = {code: int((status == code).sum()) for code in (_INVALID, _OUTSIDE, _CLIPPED)}
     parts = []
     if counts[_INVALID]:
         parts.append(
             f"dropped {counts[_INVALID]} annotation(s) with a malformed, non-finite, negative- "
             "or zero-size box"
+        )
+    if num_bad_segmentations:
+        parts.append(
+            f"dropped {num_bad_segmentations} annotation(s) with a missing, empty or malformed "
+            "segmentation"
         )
     size = f"{image_hw[1]}x{image_hw[0]} (WxH)"
     if counts[_OUTSIDE]:
@@ -242,6 +267,38 @@ def _contains_crop(augmentations) -> bool:
         if isinstance(aug, T.AugmentationList) and _contains_crop(aug.augs):
             return True
     return False
+
+
+def _clean_segmentation(segmentation, image_hw: Sequence[int]):
+    """A COCO segmentation usable at image size (H0, W0), or None.
+
+    Polygons: the list of those with an even number (>= 6) of finite coordinates, as float lists
+    (None when none is left; detectron2's ``load_coco_json`` drops short polygons the same way).
+    RLE: compressed RLE (uncompressed "counts" lists are compressed) whose size is (H0, W0).
+    """
+    try:
+        if isinstance(segmentation, list):
+            polygons = [np.asarray(p, dtype=np.float64).reshape(-1) for p in segmentation]
+            polygons = [
+                p.tolist()
+                for p in polygons
+                if len(p) >= 6 and len(p) % 2 == 0 and np.isfinite(p).all()
+            ]
+            return polygons or None
+        if isinstance(segmentation, dict):
+            height, width = (int(v) for v in segmentation["size"])
+            if (height, width) != tuple(int(v) for v in image_hw):
+                return None
+            if isinstance(segmentation["counts"], list):
+                counts = np.asarray(segmentation["counts"])
+                if counts.ndim != 1 or (counts < 0).any() or counts.sum() != height * width:
+                    return None
+                return mask_util.frPyObjects(segmentation, height, width)
+            if isinstance(segmentation["counts"], (str, bytes)):
+                return segmentation
+    except (KeyError, TypeError, ValueError):
+        pass
+    return None
 
 
 def _polygons_to_rle(segmentation, image_hw: Sequence[int]):
