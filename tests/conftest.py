@@ -32,6 +32,41 @@ def parity_v2():
     return full
 
 
+INST_PARITY_FIXTURE = os.path.join(FIXTURES, "official_inst_parity_v1.pt")
+INST_SAME_AS_BASE = "<same as base>"
+
+
+def _fill_from_base(stored, base):
+    """Copy of ``stored`` with each ``INST_SAME_AS_BASE`` marker replaced by base's tensor at the
+    same path (same dict keys and list/tuple positions)."""
+    if isinstance(stored, str) and stored == INST_SAME_AS_BASE:
+        return base.clone()  # clone: tests that edit it in place must not change parity_v2
+    if isinstance(stored, dict):
+        bases = base if isinstance(base, dict) else {}
+        return {k: _fill_from_base(v, bases.get(k)) for k, v in stored.items()}
+    if isinstance(stored, (list, tuple)):
+        same_length = isinstance(base, (list, tuple)) and len(base) == len(stored)
+        bases = base if same_length else [None] * len(stored)
+        return type(stored)(_fill_from_base(v, b) for v, b in zip(stored, bases))
+    return stored
+
+
+@pytest.fixture(scope="session")
+def inst_parity(parity_v2):
+    """The official DiffusionInst recording, see tests/fixtures/README.md.
+
+    The repository stores it with every tensor that equals the complete v2 recording's tensor at
+    the same path replaced by the string ``INST_SAME_AS_BASE`` (``base`` names v2, rebuilt by
+    ``parity_v2``). A complete copy of the shared file (no ``base`` key) is used as is.
+    """
+    fx = torch.load(INST_PARITY_FIXTURE, weights_only=False)
+    base_name = fx.pop("base", None)
+    if base_name is None:
+        return fx
+    assert base_name == os.path.basename(PARITY_V2_FIXTURE), base_name
+    return _fill_from_base(fx, parity_v2)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
