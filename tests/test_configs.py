@@ -7,7 +7,7 @@ import torch
 
 from detectron2.modeling import build_model
 
-from diffusiondet.engine import build_config
+from diffusioninst import build_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
@@ -26,6 +26,21 @@ def test_every_config_builds(path):
     assert any(k.startswith("head.head_series.") for k in keys)
     assert "alphas_cumprod" in keys
     assert len(model.head.head_series) == cfg.MODEL.DiffusionDet.NUM_HEADS
+    is_inst = os.path.basename(path).startswith(("diffinst", "Base-DiffusionInst"))
+    assert (cfg.MODEL.META_ARCHITECTURE == "DiffusionInst") == is_inst
+    assert ("head.head_series.0.controller.weight" in keys) == is_inst
+    assert ("head.mask_head.0.0.weight" in keys) == is_inst
+
+
+def test_official_diffusioninst_head_size():
+    # Measured on the official head (spec §6.1): COCO, 80 classes.
+    cfg = build_config(
+        os.path.join(CONFIG_DIR, "diffinst.coco.res50.yaml"), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
+    )
+    head = build_model(cfg).head
+    assert len(head.state_dict()) == 312
+    assert sum(p.numel() for p in head.parameters()) == 85_587_350
+    assert tuple(head.head_series[0].controller.weight.shape) == (153, 256)
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from diffusiondet.diffusion import TorchRandom
-from diffusiondet.engine import build_config, build_optimizer
+from diffusiondet.engine import build_optimizer
+from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
 from diffusiondet.utils.cpu_info import describe_cpu
 
 FULL_CASES = ((1, 300), (4, 300), (1, 1000), (4, 1000), (4, 2000))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or evaluate DiffusionDet (one or many GPUs/machines through detectron2's launch).
+"""Train or evaluate DiffusionDet or DiffusionInst (one or many GPUs/machines through detectron2's launch).
 
     python tools/train_net.py --config-file configs/diffdet.coco.res50.yaml --num-gpus 8
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model.pth --steps 4 --boxes 1000
@@ -11,7 +11,8 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from diffusiondet.engine import DiffusionDetCheckpointer, Trainer, argument_parser, build_config
+from diffusiondet.engine import DiffusionDetCheckpointer, Trainer, argument_parser
+from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
 
 
 def setup(args):

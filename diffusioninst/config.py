@@ -1,0 +1,95 @@
+"""Config keys of DiffusionInst, on top of DiffusionDet's.
+
+The detector keys (proposals, head, matching, diffusion, sampling) stay under
+``MODEL.DiffusionDet``: DiffusionInst is DiffusionDet plus masks. ``MODEL.DiffusionInst`` holds
+the mask keys; each default is the constant the official DiffusionInst code hard-codes.
+"""
+from detectron2.config import CfgNode as CN
+
+from diffusiondet.engine import build_config as build_diffusiondet_config
+
+__all__ = ["add_diffusioninst_config", "validate_diffusioninst_config", "build_config"]
+
+
+def add_diffusioninst_config(cfg):
+    """Add the ``MODEL.DiffusionInst`` mask keys (call after ``add_diffusiondet_config``)."""
+    cfg.MODEL.DiffusionInst = CN()
+    m = cfg.MODEL.DiffusionInst
+    # Backbone levels that build the shared mask feature, finest first; they must be pooled
+    # levels (ROI_HEADS.IN_FEATURES) and the first one sets the mask stride (official: p2..p4,
+    # so stride 4; the paper's "P3-P5" is not what the code does).
+    m.MASK_IN_FEATURES = ("p2", "p3", "p4")
+    # Width of the per-level refine convs and of the mask tower.
+    m.MASK_BRANCH_CHANNELS = 128
+    # 3x3 conv-norm-ReLU blocks of the mask tower after the levels are summed.
+    m.MASK_NUM_CONVS = 4
+    # Channels of the shared mask feature map (the input of the dynamic mask head).
+    m.MASK_FEAT_CHANNELS = 8
+    # Output channels of each 1x1 layer of the dynamic mask head; the last must be 1. Together
+    # with MASK_FEAT_CHANNELS this sets the filter length each proposal predicts
+    # (official 8-8-1 on 8 channels: 153 values).
+    m.MASK_HEAD_CHANNELS = (8, 8, 1)
+    # Normalisation of the mask branch convs: "BN" (official, plain BatchNorm), "SyncBN", "GN",
+    # "" (none; the convs then get a bias, which changes the checkpoint layout).
+    m.MASK_NORM = "BN"
+    # Weight of the dice loss at every scored stage (official 5, applied inside its loss).
+    m.MASK_WEIGHT = 5.0
+    # Smoothing term of the dice denominator.
+    m.DICE_EPS = 1e-5
+    # Mask probability above which a pixel belongs to the instance.
+    m.MASK_THRESHOLD = 0.5
+    # Zero each final mask outside its detection's box, as the official post-processing does.
+    m.CLIP_MASKS_TO_BOXES = True
+
+
+def validate_diffusioninst_config(cfg):
+    """Raise a clear ``ValueError`` for mask settings that would only fail later."""
+    m = cfg.MODEL.DiffusionInst
+    is_inst = cfg.MODEL.META_ARCHITECTURE == "DiffusionInst"
+    in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+    channels = list(m.MASK_HEAD_CHANNELS)
+    checks = [
+        (
+            not is_inst or cfg.MODEL.MASK_ON,
+            "MODEL.MASK_ON must be True for DiffusionInst (the data loader reads masks only then)",
+        ),
+        (len(m.MASK_IN_FEATURES) >= 1, "MODEL.DiffusionInst.MASK_IN_FEATURES must not be empty"),
+        (
+            all(f in in_features for f in m.MASK_IN_FEATURES),
+            f"MODEL.DiffusionInst.MASK_IN_FEATURES {tuple(m.MASK_IN_FEATURES)} must be among "
+            f"MODEL.ROI_HEADS.IN_FEATURES {tuple(in_features)}",
+        ),
+        (
+            len(channels) >= 1 and all(c >= 1 for c in channels) and channels[-1] == 1,
+            "MODEL.DiffusionInst.MASK_HEAD_CHANNELS must be positive with a last value of 1, got "
+            f"{tuple(channels)}",
+        ),
+        (m.MASK_BRANCH_CHANNELS >= 1, "MODEL.DiffusionInst.MASK_BRANCH_CHANNELS must be >= 1"),
+        (m.MASK_NUM_CONVS >= 0, "MODEL.DiffusionInst.MASK_NUM_CONVS must be >= 0"),
+        (m.MASK_FEAT_CHANNELS >= 1, "MODEL.DiffusionInst.MASK_FEAT_CHANNELS must be >= 1"),
+        (m.MASK_WEIGHT >= 0, f"MODEL.DiffusionInst.MASK_WEIGHT must be >= 0, got {m.MASK_WEIGHT}"),
+        (m.DICE_EPS >= 0, f"MODEL.DiffusionInst.DICE_EPS must be >= 0, got {m.DICE_EPS}"),
+        (
+            0.0 < m.MASK_THRESHOLD < 1.0,
+            f"MODEL.DiffusionInst.MASK_THRESHOLD must be in (0, 1), got {m.MASK_THRESHOLD}",
+        ),
+        (
+            m.MASK_NORM in ("", "BN", "SyncBN", "GN", "naiveSyncBN", "FrozenBN"),
+            f"MODEL.DiffusionInst.MASK_NORM {m.MASK_NORM!r} is not a detectron2 norm name",
+        ),
+    ]
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+        raise ValueError("Invalid DiffusionInst config:\n  " + "\n  ".join(errors))
+
+
+def build_config(config_file="", opts=(), steps=None, boxes=None):
+    """``diffusiondet.engine.build_config`` with the DiffusionInst keys: builds DiffusionDet and
+    DiffusionInst configs alike (the mask keys are unused by DiffusionDet)."""
+    return build_diffusiondet_config(
+        config_file,
+        opts,
+        steps=steps,
+        boxes=boxes,
+        extensions=[(add_diffusioninst_config, validate_diffusioninst_config)],
+    )
