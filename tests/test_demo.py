@@ -1,6 +1,8 @@
-"""tools/demo.py end to end on CPU with a tiny random-weight model: images and a video file.
+"""tools/demo.py end to end on CPU with a tiny random-weight model: images and a video file; and
+its drawing of small images (enlarged, small labels, masks).
 
-Shape legend: H×W image size; OpenCV images are (H, W, 3) uint8 BGR.
+Shape legend: H×W image size, s the integer factor small images are drawn enlarged by; OpenCV
+images are (H, W, 3) uint8 BGR, Visualizer images (H, W, 3) uint8 RGB.
 """
 import importlib.util
 import logging
@@ -9,12 +11,18 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
+from detectron2.data.catalog import Metadata
+from detectron2.structures import Boxes, Instances
 
+from diffusiondet.data.synthetic import SYNTHETIC_CROWD_CLASSES
 from tests.utils import TINY_OPTS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIG = os.path.join(ROOT, "configs", "diffdet.synthetic.res18.yaml")
 SIZES = {"a.png": (64, 80), "b.png": (72, 96)}  # name -> (H, W)
+FACTORS = {"a.png": 8, "b.png": 7}  # ceil(480 / H): the shorter side drawn with >= 480 pixels
+METADATA = Metadata(thing_classes=list(SYNTHETIC_CROWD_CLASSES))
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +62,21 @@ def _argv(*source):
             "--confidence-threshold", "0", "--opts", *map(str, TINY_OPTS)]  # fmt: skip
 
 
-def _assert_visualisations(out_dir, image_dir, names):
+def _enlarge(image, factor):
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _assert_visualisations(out_dir, image_dir, names, enlarged=True):
     assert sorted(os.listdir(out_dir)) == sorted(names)
     for name in names:
+        factor = FACTORS[name] if enlarged else 1
         drawn = cv2.imread(os.path.join(out_dir, name))
-        assert drawn is not None and drawn.shape == (*SIZES[name], 3)
-        assert (drawn != cv2.imread(os.path.join(image_dir, name))).any()  # boxes were drawn
+        height, width = SIZES[name]
+        assert drawn is not None and drawn.shape == (factor * height, factor * width, 3)
+        original = _enlarge(cv2.imread(os.path.join(image_dir, name)), factor)
+        changed = (drawn != original).any(axis=-1)
+        assert changed.any()  # boxes were drawn
+        assert not changed.all()  # on the image, which is still visible
 
 
 def test_files_and_glob_inputs_write_visualisations(demo, image_dir, tmp_path):
@@ -67,6 +84,13 @@ def test_files_and_glob_inputs_write_visualisations(demo, image_dir, tmp_path):
     demo.main(_argv("--input", str(image_dir / "a.png"), str(image_dir / "b*.png"),
                     "--output", str(out_dir)))  # fmt: skip
     _assert_visualisations(out_dir, image_dir, ["a.png", "b.png"])
+
+
+def test_draw_min_size_zero_keeps_the_image_size(demo, image_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    demo.main(_argv("--input", str(image_dir / "a.png"), "--output", str(out_dir),
+                    "--draw-min-size", "0"))  # fmt: skip
+    _assert_visualisations(out_dir, image_dir, ["a.png"], enlarged=False)
 
 
 def test_folder_with_an_unreadable_file_skips_it_with_a_warning(demo, image_dir, tmp_path):
@@ -105,3 +129,79 @@ def test_video_file_gives_a_video_with_every_frame(demo, tmp_path):
     capture.release()
     assert len(frames) == num_frames
     assert all(frame.shape == (height, width, 3) for frame in frames)
+
+
+def _instances(height, width, boxes, labels=True, masks=None):
+    instances = Instances((height, width))
+    instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    if labels:
+        instances.scores = torch.full((len(boxes),), 0.87)
+        instances.pred_classes = torch.arange(len(boxes)) % len(SYNTHETIC_CROWD_CLASSES)
+    if masks is not None:
+        instances.pred_masks = masks
+    return instances
+
+
+def _draw(demo, image, instances, **kwargs):
+    np.random.seed(0)  # Visualizer picks instance colours with np.random
+    return demo.draw_predictions(image, instances, METADATA, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "height, width, factor",
+    [(50, 70, 10), (70, 50, 10), (64, 80, 8), (160, 160, 3), (220, 150, 4), (479, 900, 2),
+     (480, 600, 1)],
+)  # fmt: skip
+def test_small_images_are_drawn_enlarged_by_an_integer_factor(demo, height, width, factor):
+    assert demo.draw_scale(height, width) == factor
+    assert demo.draw_scale(height, width, min_size=0) == 1
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
+    drawn = _draw(demo, image, _instances(height, width, []))
+    assert drawn.shape == (factor * height, factor * width, 3)
+    np.testing.assert_array_equal(drawn, _enlarge(image, factor))  # nearest neighbour, aligned
+
+
+def test_labels_cover_a_small_part_of_a_small_image(demo):
+    # Four objects on a 48×72 image; labels such as "yellow_diamond 87%". Drawn at the image's
+    # own size (the old behaviour), the labels hide about 40 % of the picture.
+    height, width = 48, 72
+    image = np.full((height, width, 3), 128, np.uint8)
+    boxes = [[4, 4, 24, 20], [40, 6, 66, 26], [8, 26, 30, 44], [44, 30, 68, 44]]
+
+    def label_fraction(**kwargs):
+        with_labels = _draw(demo, image, _instances(height, width, boxes), **kwargs)
+        boxes_only = _draw(demo, image, _instances(height, width, boxes, labels=False), **kwargs)
+        assert with_labels.shape == boxes_only.shape
+        return (with_labels != boxes_only).any(axis=-1).mean()
+
+    enlarged = label_fraction()
+    assert 0.005 < enlarged < 0.06  # drawn, and small (about 2.5 %)
+    assert label_fraction(min_size=0) > 0.3  # what the test guards against
+
+
+@pytest.mark.parametrize("kind", ["bool", "probabilities"])
+def test_predicted_masks_are_drawn(demo, kind):
+    height, width, factor = 40, 64, 12
+    image = np.full((height, width, 3), 128, np.uint8)
+    mask = torch.zeros(1, height, width, dtype=torch.bool)
+    mask[0, 8:32, 10:40] = True
+    masks = mask if kind == "bool" else torch.where(mask, 0.9, 0.1)
+    box = [[10, 8, 40, 32]]
+    drawn = _draw(demo, image, _instances(height, width, box, masks=masks))
+    without_masks = _draw(demo, image, _instances(height, width, box))
+    assert drawn.shape == without_masks.shape == (factor * height, factor * width, 3)
+
+    inside = (slice(14 * factor, 26 * factor), slice(18 * factor, 32 * factor))
+    assert (drawn[inside] != 128).any(axis=-1).all()  # the whole interior is tinted
+    assert len(np.unique(drawn[inside].reshape(-1, 3), axis=0)) == 1  # by one flat colour
+    assert (without_masks[inside] == 128).all()  # which is the mask, not the box
+    box_edges = without_masks[8 * factor, 20 * factor : 30 * factor], without_masks[
+        12 * factor : 28 * factor, 40 * factor
+    ]  # top and right sides of the enlarged box
+    assert all((edge != 128).any(axis=-1).all() for edge in box_edges)
+    far_outside = (slice(None), slice(50 * factor, None))  # right of the box and its label
+    assert (drawn[far_outside] == 128).all()
+    changed = (drawn != without_masks).any(axis=-1)
+    ys, xs = np.nonzero(changed)  # the mask drawing stays on the (enlarged) mask
+    assert ys.min() >= 8 * factor - 3 and ys.max() < 32 * factor + 3
+    assert xs.min() >= 10 * factor - 3 and xs.max() < 40 * factor + 3

@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Run a trained DiffusionDet on images, a folder/glob, a video file or a webcam and save
-visualisations (detectron2 Visualizer). Works on CPU.
+visualisations (detectron2 Visualizer; boxes, labels and, when predicted, instance masks).
+Works on CPU. Images whose shorter side is under --draw-min-size pixels (default 480) are drawn
+enlarged by an integer factor (nearest neighbour) and annotated as a native image of that size,
+so that labels stay readable and small on small images; saved images have the enlarged size.
+Video frames are drawn at their own size.
 
     python tools/demo.py --config-file configs/diffdet.synthetic.res18.yaml \
         --input 'datasets/synthetic_crowd/val/*.png' --output output/demo \
@@ -10,24 +14,28 @@ visualisations (detectron2 Visualizer). Works on CPU.
 import argparse
 import glob
 import logging
+import math
 import os
 import time
 
 import cv2
 import numpy as np
+import torch
 import tqdm
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
+from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from diffusiondet.engine import build_config
+from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
 
 logger = logging.getLogger("diffusiondet.demo")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DRAW_MIN_SIZE = 480
 
 
 def parse_args(argv=None):
@@ -41,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
     p.add_argument("--boxes", type=int, default=None, help="number of boxes at inference")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score to draw")
+    p.add_argument("--draw-min-size", type=int, default=DRAW_MIN_SIZE,
+                   help="draw images enlarged by an integer factor until their shorter side has "
+                        "at least this many pixels (0: draw at the image's own size)")  # fmt: skip
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
     return p.parse_args(argv)
 
@@ -56,14 +67,57 @@ def expand_inputs(patterns):
     return [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isdir(p)]
 
 
+def draw_scale(height, width, min_size=DRAW_MIN_SIZE):
+    """Integer factor by which an H×W image is drawn so that its shorter side reaches
+    ``min_size`` pixels (1 for images that are large enough, or when ``min_size`` <= 0)."""
+    short_side = min(height, width)
+    if min_size <= 0 or short_side >= min_size:
+        return 1
+    return math.ceil(min_size / short_side)
+
+
+def draw_predictions(image_rgb, instances, metadata, min_size=DRAW_MIN_SIZE):
+    """Draw ``instances`` (``pred_boxes``, ``scores``, ``pred_classes``, optional ``pred_masks``
+    (N, H, W) bool or probabilities) on an (H, W, 3) uint8 RGB image.
+
+    Returns an (s*H, s*W, 3) uint8 RGB image, s = ``draw_scale(H, W, min_size)``: the image is
+    enlarged (nearest neighbour), boxes and masks with it, and Visualizer then draws as on a
+    native image of that size (line widths and text sized for s*H×s*W).
+    """
+    if instances.has("pred_masks"):
+        masks = instances.pred_masks
+        masks = masks.tensor if isinstance(masks, BitMasks) else torch.as_tensor(masks)
+        instances = Instances(instances.image_size, **instances.get_fields())
+        instances.pred_masks = masks >= 0.5 if masks.dtype.is_floating_point else masks.bool()
+    scale = draw_scale(*image_rgb.shape[:2], min_size)
+    if scale > 1:
+        image_rgb, instances = _enlarge(image_rgb, instances, scale)
+    vis = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+    return vis.draw_instance_predictions(instances).get_image()  # RGB
+
+
+def _enlarge(image_rgb, instances, scale):
+    """Image and prediction boxes/masks enlarged by an integer factor (other fields copied)."""
+    image_rgb = np.repeat(np.repeat(image_rgb, scale, axis=0), scale, axis=1)
+    enlarged = Instances(image_rgb.shape[:2])
+    for name, value in instances.get_fields().items():
+        if name == "pred_boxes":
+            value = Boxes(value.tensor * scale)
+        elif name == "pred_masks":  # (N, H, W) bool
+            value = value.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+        enlarged.set(name, value)
+    return image_rgb, enlarged
+
+
 class Demo:
     """Predictor + visualiser; keeps only detections above the confidence threshold."""
 
-    def __init__(self, cfg, confidence_threshold):
+    def __init__(self, cfg, confidence_threshold, draw_min_size=DRAW_MIN_SIZE):
         self.predictor = DefaultPredictor(cfg)
         names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
         self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
         self.threshold = confidence_threshold
+        self.draw_min_size = draw_min_size
         self.video_visualizer = VideoVisualizer(self.metadata, ColorMode.IMAGE)
 
     def predict(self, image_bgr):
@@ -71,8 +125,7 @@ class Demo:
         return instances[instances.scores >= self.threshold]
 
     def draw_image(self, image_rgb, instances):
-        vis = Visualizer(image_rgb, self.metadata, instance_mode=ColorMode.IMAGE)
-        return vis.draw_instance_predictions(instances).get_image()  # RGB
+        return draw_predictions(image_rgb, instances, self.metadata, self.draw_min_size)
 
     def run_video(self, capture):
         while capture.isOpened():
@@ -128,7 +181,7 @@ def main(argv=None):
     setup_logger(name="diffusiondet")
     cfg = build_config(args.config_file, args.opts, steps=args.steps, boxes=args.boxes)
     cfg.freeze()
-    demo = Demo(cfg, args.confidence_threshold)
+    demo = Demo(cfg, args.confidence_threshold, args.draw_min_size)
     if args.input:
         run_images(demo, expand_inputs(args.input), args.output)
     else:
