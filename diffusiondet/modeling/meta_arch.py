@@ -145,10 +145,11 @@ class DiffusionDet(nn.Module):
         in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
         shapes = backbone.output_shape()
         d = cfg.MODEL.DiffusionDet
+        head = cls.build_head(cfg, [shapes[f] for f in in_features])
         return {
             "backbone": backbone,
-            "head": cls.build_head(cfg, [shapes[f] for f in in_features]),
-            "criterion": cls.build_criterion(cfg),
+            "head": head,
+            "criterion": cls.build_criterion(cfg, head),
             "sampler": cls.build_sampler(cfg),
             "in_features": in_features,
             "num_proposals": d.NUM_PROPOSALS,
@@ -169,7 +170,8 @@ class DiffusionDet(nn.Module):
         return builders.build_head(cfg, input_shapes)
 
     @classmethod
-    def build_criterion(cls, cfg) -> SetCriterion:
+    def build_criterion(cls, cfg, head: DynamicHead) -> SetCriterion:
+        """The criterion; ``head`` is given for losses that depend on its layout."""
         return builders.build_criterion(cfg)
 
     @classmethod
