@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: env demo test benchmark clean
+.PHONY: env demo demo-inst test benchmark clean
 
 # The script is idempotent: it returns at once when the pinned environment is already there.
 env:
@@ -10,6 +10,10 @@ env:
 
 demo: env
 	$(PY) tools/run_main_job.py
+
+# The DiffusionInst main job: the same synthetic set (it has polygon masks), box and mask AP.
+demo-inst: env
+	$(PY) tools/run_main_job.py --config-file configs/diffinst.synthetic.res18.yaml
 
 # Then the CPU-sensitive tests again as an AVX2-only machine with one thread (the instruction set
 # and blocking of another CPU); the wrapper fails if MKL, oneDNN or ATen ignore the settings.

@@ -3,7 +3,7 @@ import torch
 
 from detectron2.structures import Boxes, Instances
 
-from diffusiondet.engine import build_config
+from diffusioninst import build_config  # builds DiffusionDet and DiffusionInst configs
 
 TINY_OPTS = [
     "MODEL.WEIGHTS", "",
