@@ -12,22 +12,18 @@ Extension points used by subclasses (DiffusionInst):
   * ``build_instances`` / ``resize_instances`` (extra output fields, with the per-image
     :class:`ImageContext`: sizes and the head's per-image outputs such as a mask feature map).
 """
-import contextlib
-import logging
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList
 
 from ..diffusion import (
     RandomSource,
     TorchRandom,
-    boxes_to_signal,
     corrupt_boxes,
     cosine_beta_schedule,
     diffusion_buffers,
@@ -38,35 +34,14 @@ from ..options import INFERENCE_AMP_DTYPES
 from . import builders
 from .criterion import SetCriterion
 from .head import DynamicHead
+from .inference import DiffusionInference, ImageContext, _to_fp32  # noqa: F401  (re-exported)
 from .sampler import DDIMBoxSampler
 
 __all__ = ["DiffusionDet", "INFERENCE_AMP_DTYPES", "ImageContext"]
 
 
-@dataclass
-class ImageContext:
-    """What post-processing may need to know about one image of an inference batch.
-
-    Attributes:
-        index: position of the image in the batch.
-        image_size: (h, w) of the resized, un-padded network input.
-        padded_size: (H, W) of the padded batch tensor (same for all images of a batch).
-        output_size: (height, width) requested for the outputs (the original image size).
-        per_image: the head's per-image outputs for this image, name -> (...) tensor (e.g.
-            DiffusionInst's mask feature map (C, H/4, W/4)); empty for DiffusionDet.
-    """
-
-    index: int
-    image_size: Tuple[int, int]
-    padded_size: Tuple[int, int]
-    output_size: Tuple[int, int]
-    per_image: Dict[str, torch.Tensor] = field(default_factory=dict)
-
-logger = logging.getLogger(__name__)
-
-
 @META_ARCH_REGISTRY.register()
-class DiffusionDet(nn.Module):
+class DiffusionDet(DiffusionInference, nn.Module):
     """DiffusionDet (Chen et al., 2023): detection as denoising diffusion over boxes."""
 
     # Final-stage head outputs handed to the sampler at every call (all (B, N, ...)); extra
@@ -257,135 +232,3 @@ class DiffusionDet(nn.Module):
             times.append(c.t)
         x_t = torch.stack(noisy)  # (B, N, 4) signal
         return signal_to_boxes(x_t, whwh, self.snr_scale).float(), torch.cat(times)
-
-    # --------------------------------------------------------------- inference
-    @torch.no_grad()
-    def inference(
-        self,
-        batched_inputs: List[Dict],
-        rng: Optional[RandomSource] = None,
-        per_image_rng: Optional[Sequence[RandomSource]] = None,
-        do_postprocess: bool = True,
-    ):
-        """Run DDIM from pure noise.
-
-        Args:
-            rng / per_image_rng: optional injected randomness (replay, or per-image generators
-                so that a batch gives exactly the detections of each image alone).
-            do_postprocess: rescale to each input's "height"/"width" (otherwise network-input size).
-        """
-        images, whwh, features = self.inference_features(batched_inputs)
-        return self.sample_detections(
-            batched_inputs, images, whwh, features, rng, per_image_rng, do_postprocess
-        )
-
-    @torch.no_grad()
-    def inference_features(self, batched_inputs: List[Dict]):
-        """The backbone part of inference, reusable across sampling settings (``tools/sweep.py``).
-
-        Returns:
-            images (ImageList), whwh (B, 4), features: list of (B, C, H_l, W_l) pooled levels.
-        """
-        images, whwh = self.preprocess_image(batched_inputs)
-        with self.inference_autocast():
-            features = self.extract_features(images)
-        if self.inference_amp:
-            # detectron2's ROIAlign casts box coordinates to the features' dtype: a bf16 box
-            # corner at x = 1000 would move by up to 4 px. Pooling reads fp32 features instead.
-            features = [f.float() for f in features]
-        return images, whwh, features
-
-    @torch.no_grad()
-    def sample_detections(
-        self,
-        batched_inputs: List[Dict],
-        images: ImageList,
-        whwh: torch.Tensor,
-        features: List[torch.Tensor],
-        rng: Optional[RandomSource] = None,
-        per_image_rng: Optional[Sequence[RandomSource]] = None,
-        do_postprocess: bool = True,
-    ):
-        """The sampling part of inference on precomputed ``inference_features``; the current
-        ``sampler.steps`` and ``eval_num_proposals`` apply. Arguments as :meth:`inference`."""
-
-        def denoise_fn(boxes: torch.Tensor, t: torch.Tensor) -> Dict:
-            with self.inference_autocast():
-                out = self.denoise(features, boxes, t)
-            if not self.inference_amp:
-                return out
-            # Scores, renewal and NMS stay in fp32: bf16 logits would tie many scores.
-            return {k: _to_fp32(v) for k, v in out.items()}
-
-        candidates = self.sampler.sample_candidates(
-            denoise_fn,
-            self.alphas_cumprod,
-            whwh,
-            self.eval_num_proposals,
-            rng=rng,
-            per_image_rng=per_image_rng,
-        )
-        contexts = self.image_contexts(batched_inputs, images, features)
-        return [
-            {"instances": self.postprocess(image_candidates, ctx, do_postprocess)}
-            for image_candidates, ctx in zip(candidates, contexts)
-        ]
-
-    def image_contexts(
-        self, batched_inputs: List[Dict], images: ImageList, features: List[torch.Tensor]
-    ) -> List[ImageContext]:
-        """One :class:`ImageContext` per image; the head's per-image outputs are computed here,
-        once per batch (they depend on neither the boxes nor t)."""
-        with self.inference_autocast():
-            per_image = self.head.per_image_outputs(features)
-        per_image = {k: _to_fp32(v) for k, v in per_image.items()}
-        padded = tuple(images.tensor.shape[-2:])
-        contexts = []
-        for b, (x, size) in enumerate(zip(batched_inputs, images.image_sizes)):
-            contexts.append(
-                ImageContext(
-                    index=b,
-                    image_size=tuple(size),
-                    padded_size=padded,
-                    output_size=(x.get("height", size[0]), x.get("width", size[1])),
-                    per_image={k: v[b] for k, v in per_image.items()},
-                )
-            )
-        return contexts
-
-    def postprocess(
-        self, candidates: List[Dict[str, torch.Tensor]], ctx: ImageContext, do_postprocess: bool = True
-    ) -> Instances:
-        """One image's candidates (one dict per ensembled call) -> its final Instances.
-
-        Merge, class-aware NMS and the cap (``sampler.select_detections``), then
-        :meth:`build_instances` in the network-input frame and, with ``do_postprocess``,
-        :meth:`resize_instances` to ``ctx.output_size``.
-        """
-        det = self.sampler.select_detections(candidates)
-        inst = self.build_instances(det, ctx)
-        return self.resize_instances(inst, ctx) if do_postprocess else inst
-
-    def inference_autocast(self):
-        """The autocast context of ``inference_amp`` on the model's device (a no-op when off)."""
-        dtype = INFERENCE_AMP_DTYPES[self.inference_amp]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def build_instances(self, det: Dict[str, torch.Tensor], ctx: ImageContext) -> Instances:
-        """Detections (boxes (M, 4) abs xyxy, scores, classes, extra fields) of one image ->
-        Instances in the network-input frame ``ctx.image_size``."""
-        inst = Instances(ctx.image_size)
-        inst.pred_boxes = Boxes(det["boxes"])
-        inst.scores = det["scores"]
-        inst.pred_classes = det["classes"]
-        return inst
-
-    def resize_instances(self, inst: Instances, ctx: ImageContext) -> Instances:
-        """Rescale to ``ctx.output_size``, clip the boxes and drop empty ones."""
-        return detector_postprocess(inst, *ctx.output_size)
-
-
-def _to_fp32(value):
-    return value.float() if torch.is_tensor(value) and value.is_floating_point() else value

@@ -17,7 +17,7 @@ from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 from diffusiondet.modeling import DiffusionDet
 from diffusiondet.modeling import builders
-from diffusiondet.modeling.meta_arch import ImageContext
+from diffusiondet.modeling.inference import ImageContext
 
 from .criterion import MaskSetCriterion
 from .dynamic_mask_head import DynamicMaskHeadSpec, dynamic_mask_logits
