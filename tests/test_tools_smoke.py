@@ -17,6 +17,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from diffusiondet.data.synthetic import generate_synthetic_crowd
 from tests.utils import TINY_OPTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,3 +136,47 @@ def test_benchmark_prints_finite_positive_ratios():
     training = next(line for line in stdout.splitlines() if line.startswith("Training:"))
     iterations_per_s = float(training.split()[1])
     assert math.isfinite(iterations_per_s) and iterations_per_s > 0
+
+
+def test_diffusioninst_main_job_on_coco_json_prints_mask_ap(tmp_path):
+    # The DiffusionInst main job on an own COCO json with polygon masks (--coco-json: the same
+    # images for training and evaluation, no synthetic set generated): box and mask AP rows.
+    json_path = generate_synthetic_crowd(str(tmp_path / "coco"), split="train", num_images=3, seed=1,
+                                         image_size=(64, 96), max_objects=6)  # fmt: skip
+    out = tmp_path / "out"
+    inst = ["MODEL.DiffusionInst.MASK_BRANCH_CHANNELS", 16, "MODEL.DiffusionInst.MASK_NUM_CONVS", 1,
+            "MODEL.DiffusionInst.MASK_NORM", "BN"]  # fmt: skip
+    stdout = _run(
+        "run_main_job.py", "--config-file", os.path.join(REPO, "configs", "diffinst.synthetic.res18.yaml"),
+        "--output-dir", out, "--max-iter", 2, "--steps", 1, 4, "--boxes", 10,
+        "--coco-json", json_path, "--coco-images", tmp_path / "coco" / "train", "--opts", *TINY, *inst,
+        cwd=tmp_path, env={"DETECTRON2_DATASETS": str(tmp_path / "datasets")},
+    )  # fmt: skip
+    assert "DiffusionInst on custom_test" in stdout
+    assert not (tmp_path / "datasets").exists()  # the synthetic set was not generated
+    with open(out / "ap_table.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["steps"], r["boxes"]) for r in rows] == [(1, 10), (4, 10)]
+    for r in rows:
+        assert {"mask AP", "mask AP50"} <= set(r)
+        assert all(math.isfinite(r[k]) and 0.0 <= r[k] <= 100.0 for k in ("AP", "mask AP", "mask AP50"))
+    printed = _markdown_rows(stdout, "| steps | boxes |")
+    assert [p["mask AP"] for p in printed] == [f"{r['mask AP']:.1f}" for r in rows]
+    results = out / "inference" / "custom_test" / "coco_instances_results.json"
+    with open(results) as f:
+        detections = json.load(f)
+    assert detections and all("segmentation" in d for d in detections)  # RLE masks evaluated
+
+
+def test_benchmark_runs_on_a_diffusioninst_config():
+    inst = ["MODEL.DiffusionInst.MASK_BRANCH_CHANNELS", "16", "MODEL.DiffusionInst.MASK_NUM_CONVS", "1",
+            "MODEL.DiffusionInst.MASK_NORM", "BN"]  # fmt: skip
+    stdout = _run(
+        "benchmark.py", "--quick", "--config-file", os.path.join(REPO, "configs", "diffinst.synthetic.res18.yaml"),
+        "--image-size", 96, "--train-iters", 1, "--batches", "1", "--amp", "", *TINY, *inst, cwd=REPO,
+    )  # fmt: skip
+    assert "## DiffusionInst benchmark" in stdout
+    rows = _markdown_rows(stdout, "| mode | steps |")
+    assert rows and all(float(r["ratio"]) > 0 and int(r["same top-100"].rstrip("%")) >= 50 for r in rows)
+    training = next(line for line in stdout.splitlines() if line.startswith("Training:"))
+    assert float(training.split()[1]) > 0

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 
 from diffusiondet.diffusion import TorchRandom
 from diffusiondet.engine import build_optimizer
@@ -227,6 +227,10 @@ def benchmark_training(cfg, model, args) -> float:
         inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
         num_classes = cfg.MODEL.DiffusionDet.NUM_CLASSES
         inst.gt_classes = torch.randint(0, num_classes, (num_gt,), generator=g)
+        if cfg.MODEL.MASK_ON:  # DiffusionInst: each object's mask fills its box
+            inst.gt_masks = BitMasks.from_polygon_masks(
+                [[box[[0, 1, 2, 1, 2, 3, 0, 3]].numpy()] for box in inst.gt_boxes.tensor], size, size
+            )
         batch.append(dict(image, instances=inst))
     times = []
     for _ in range(args.train_iters + 1):
@@ -244,7 +248,7 @@ def benchmark_training(cfg, model, args) -> float:
 
 def print_table(rows, args, backbone_s, train_ips, model) -> None:
     size = f"{args.image_size}x{args.image_size}"
-    print(f"\n## DiffusionDet benchmark: {args.config_file}, {size}, device {args.device}, "
+    print(f"\n## {model.__class__.__name__} benchmark: {args.config_file}, {size}, device {args.device}, "
           f"{describe_cpu()}, repeats {args.repeats}, random weights\n")
     print(f"Backbone alone, 1 image: {backbone_s:.2f} s. head img/s = images / time inside the "
           "head (all steps). peak MB = peak memory above the level before the call (CPU: "

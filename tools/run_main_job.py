@@ -6,13 +6,15 @@ table also has mask AP.
 
     python tools/run_main_job.py [--config-file configs/diffdet.synthetic.res18.yaml]
         [--steps 1 4] [--boxes 100 300] [--retrain] [--output-dir DIR] [--max-iter N]
-        [--num-images TRAIN VAL] [--opts KEY VALUE ...]
+        [--num-images TRAIN VAL] [--coco-json JSON --coco-images DIR] [--opts KEY VALUE ...]
 
 Training resumes from the last checkpoint in OUTPUT_DIR, so a second run only re-evaluates
 (pass --retrain to start over). --output-dir and --max-iter set OUTPUT_DIR and SOLVER.MAX_ITER;
 --num-images uses the first TRAIN / VAL images of the synthetic set instead of all 600 / 100
 (generated under $DETECTRON2_DATASETS/synthetic_crowd_TRAIN_VAL, registered as
 synthetic_crowd_{train_TRAIN,val_VAL}). Together with small --opts they make a seconds-long run.
+--coco-json / --coco-images train and evaluate on the same COCO-format images instead (an
+overfitting check on real data, e.g. tiny-coco with configs/diffinst.tiny_coco.res18.yaml).
 """
 import argparse
 import json
@@ -42,6 +44,9 @@ def parse_args():
     parser.add_argument("--max-iter", type=int, default=None, help="SOLVER.MAX_ITER (default: the config's)")
     parser.add_argument("--num-images", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
                         help="train and evaluate on the first TRAIN / VAL synthetic images (default: all)")
+    parser.add_argument("--coco-json", default=None,
+                        help="train and evaluate on this COCO json instead of the synthetic set (with --coco-images)")
+    parser.add_argument("--coco-images", default=None, help="image folder of --coco-json")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return parser.parse_args()
 
@@ -107,6 +112,11 @@ def main():
     root, splits, opts = data_selection(args.num_images)
     for key, value in (("OUTPUT_DIR", args.output_dir), ("SOLVER.MAX_ITER", args.max_iter)):
         opts += [] if value is None else [key, value]
+    uses_synthetic = args.coco_json is None
+    if not uses_synthetic:
+        # The same images for training and evaluation: an overfitting check on real data.
+        opts += ["DATASETS.CUSTOM.TRAIN_JSON", args.coco_json, "DATASETS.CUSTOM.TRAIN_IMAGES", args.coco_images,
+                 "DATASETS.CUSTOM.TEST_JSON", args.coco_json, "DATASETS.CUSTOM.TEST_IMAGES", args.coco_images]
     opts += args.opts  # explicit overrides win
     cfg = build_config(args.config_file, opts)
     if args.retrain and os.path.isdir(cfg.OUTPUT_DIR):
@@ -116,7 +126,8 @@ def main():
     start = time.perf_counter()
     if splits is not None:
         register_synthetic_crowd(root, splits)
-    ensure_synthetic_crowd(root, splits)
+    if uses_synthetic:
+        ensure_synthetic_crowd(root, splits)
     weights = train(cfg)
     train_s = time.perf_counter() - start
     rows = [evaluate(args.config_file, opts, weights, s, b) for s in args.steps for b in args.boxes]
