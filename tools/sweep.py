@@ -7,7 +7,8 @@
 
 Writes <output-dir>/sweep_results.json (every run's metrics; finished runs are skipped when the
 command is repeated), sweep.csv, sweep.md (metric mean ± std over seeds) and three PNG plots.
-Works with every evaluator the dataset selects (COCO, LVIS, CrowdHuman).
+Works with every evaluator the dataset selects (COCO, LVIS, CrowdHuman) and with DiffusionInst
+(bbox and segm metrics in the CSV; --metric segm/AP tabulates and plots mask AP).
 """
 import argparse
 import os
@@ -34,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="output/sweep")
     parser.add_argument("--group-size", type=int, default=0,
                         help="runs per pass over the data (0 = all; smaller = saved more often)")
+    parser.add_argument("--metric", default="",
+                        help='"task/name" for the table and plots, e.g. segm/AP (DiffusionInst masks);'
+                             ' default bbox/AP, or crowdhuman/AP50 on CrowdHuman')
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args(argv)
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     todo = combinations(args.steps, args.boxes, args.seeds)
     done = run_sweep(model, loader, evaluator, todo, args.output_dir, args.group_size)
     wanted = {c.key: done[c.key] for c in todo}
-    paths = write_reports(wanted, args.output_dir, plots=not args.no_plots)
+    paths = write_reports(wanted, args.output_dir, plots=not args.no_plots, metric=args.metric)
     with open(paths["md"]) as f:
         print(f.read())
     print(f"{len(todo)} runs on {dataset} in {time.perf_counter() - start:.1f} s; " + ", ".join(paths.values()))

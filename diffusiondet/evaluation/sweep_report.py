@@ -22,12 +22,17 @@ def _mean_std(values: List[float]):
     return statistics.fmean(finite), (statistics.pstdev(finite) if len(finite) > 1 else 0.0)
 
 
-def write_reports(done: Dict[str, dict], output_dir: str, plots: bool = True) -> Dict[str, str]:
-    """Write sweep.csv (one row per run), sweep.md (metric mean ± std over seeds, boxes × steps)
-    and, with ``plots``, PNGs: metric vs boxes per step count, vs steps per box count, and the
-    seed spread. Returns {kind: path}."""
+def write_reports(
+    done: Dict[str, dict], output_dir: str, plots: bool = True, metric: str = ""
+) -> Dict[str, str]:
+    """Write sweep.csv (one row per run, every metric), sweep.md (``metric`` mean ± std over
+    seeds, boxes × steps) and, with ``plots``, PNGs: metric vs boxes per step count, vs steps per
+    box count, and the seed spread. ``metric`` is "task/name" (e.g. "segm/AP" for DiffusionInst's
+    masks); "" picks :func:`primary_metric`. Returns {kind: path}."""
     entries = sorted(done.values(), key=lambda e: (e["steps"], e["boxes"], e["seed"]))
-    metric = primary_metric(entries[0]["results"])
+    metric = metric or primary_metric(entries[0]["results"])
+    if metric not in _flat(entries[0]):
+        raise ValueError(f"metric {metric!r} is not among the results: {sorted(_flat(entries[0]))}")
     columns = sorted({k for e in entries for k in _flat(e)})
     paths = {"csv": os.path.join(output_dir, "sweep.csv"), "md": os.path.join(output_dir, "sweep.md")}
     with open(paths["csv"], "w", newline="") as f:

@@ -29,7 +29,8 @@ def lvis_dataset(tmp_path_factory):
     images = [{"id": i, "width": 120, "height": 90, "coco_url": f"http://x/val2017/{i:012d}.jpg",
                "neg_category_ids": NEG[i], "not_exhaustive_category_ids": NOT_EXHAUSTIVE[i]}
               for i in GT]  # fmt: skip
-    annotations = [{"id": n, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3]}
+    annotations = [{"id": n, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3],
+                    "segmentation": [_rectangle_polygon(b)]}
                    for n, (i, c, b) in enumerate(((i, c, b) for i in GT for c, b in GT[i]), 1)]
     categories = [{"id": 1, "name": "cup", "frequency": "f"}, {"id": 2, "name": "cat", "frequency": "c"},
                   {"id": 3, "name": "yak", "frequency": "r"}]  # fmt: skip
@@ -42,8 +43,17 @@ def lvis_dataset(tmp_path_factory):
     return name
 
 
-def _predictions(extra=()):
-    """Perfect detections (score 0.9) plus ``extra`` (image id, category id, xywh, score)."""
+def _rectangle_polygon(xywh):
+    x, y, w, h = xywh
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
+
+
+def _predictions(extra=(), masks=None):
+    """Perfect detections (score 0.9) plus ``extra`` (image id, category id, xywh, score).
+
+    ``masks``: None (boxes only), "boxes" (each mask fills its box: perfect for the rectangular
+    GT polygons) or "top_half" (only the upper half of each box).
+    """
     rows = [(i, c, b, 0.9) for i in GT for c, b in GT[i]] + list(extra)
     outputs = {}
     for i, c, (x, y, w, h), s in rows:
@@ -54,16 +64,21 @@ def _predictions(extra=()):
         inst.pred_boxes = Boxes(torch.tensor([d[0] for d in dets], dtype=torch.float32))
         inst.scores = torch.tensor([d[1] for d in dets])
         inst.pred_classes = torch.tensor([d[2] for d in dets])
+        if masks is not None:
+            inst.pred_masks = torch.zeros(len(dets), 90, 120, dtype=torch.bool)
+            for mask, (x0, y0, x1, y1) in zip(inst.pred_masks, (d[0] for d in dets)):
+                y_end = y1 if masks == "boxes" else (y0 + y1) // 2
+                mask[y0:y_end, x0:x1] = True
         inputs.append({"image_id": i})
         results.append({"instances": inst})
     return inputs, results
 
 
-def _evaluate(name, tmp_path, extra=()):
+def _evaluate(name, tmp_path, extra=(), masks=None, task="bbox"):
     evaluator = Trainer.build_evaluator(tiny_cfg(), name, str(tmp_path))
     evaluator.reset()
-    evaluator.process(*_predictions(extra))
-    return evaluator.evaluate()["bbox"]
+    evaluator.process(*_predictions(extra, masks))
+    return evaluator.evaluate()[task]
 
 
 def test_perfect_detections_score_100(lvis_dataset, tmp_path):
@@ -82,3 +97,14 @@ def test_federated_false_positives(lvis_dataset, tmp_path):
     assert result["AP"] == pytest.approx(250.0 / 3)
     wrong_cat[0] = 4
     assert _evaluate(lvis_dataset, tmp_path, [tuple(wrong_cat)])["AP"] == pytest.approx(100.0)
+
+
+def test_mask_ap_from_pred_masks(lvis_dataset, tmp_path):
+    # DiffusionInst's LVIS mask AP: the evaluator scores "segm" because predictions carry masks.
+    # Masks covering only the top half of each (rectangular) object have IoU 0.5: below every
+    # threshold from 0.55 up, so mask AP = 1/10 of perfect while box AP stays 100.
+    perfect = _evaluate(lvis_dataset, tmp_path, masks="boxes", task="segm")
+    assert perfect["AP"] == pytest.approx(100.0)
+    half = _evaluate(lvis_dataset, tmp_path, masks="top_half", task="segm")
+    assert half["AP"] == pytest.approx(10.0, abs=0.5) and half["AP50"] == pytest.approx(100.0)
+    assert _evaluate(lvis_dataset, tmp_path, masks="top_half")["AP"] == pytest.approx(100.0)

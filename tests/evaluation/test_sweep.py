@@ -124,3 +124,26 @@ def test_command_line_writes_tables_and_plots(setup, tmp_path, capsys):
         assert (tmp_path / png).stat().st_size > 1000
     with pytest.raises(ValueError, match="--steps and --boxes"):
         tool.main(args[:4] + ["0"] + args[5:])
+
+
+def test_command_line_on_diffusioninst_tabulates_mask_ap(setup, tmp_path, capsys):
+    # DiffusionInst through the same sweep: bbox and segm metrics in the CSV, segm/AP tabulated.
+    spec = importlib.util.spec_from_file_location("sweep_tool", os.path.join(ROOT, "tools", "sweep.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from tests.utils import TINY_OPTS
+
+    opts = TINY_OPTS + ["DATASETS.TEST", (NAME,), "MODEL.DiffusionDet.NUM_CLASSES", 5,
+                        "MODEL.DiffusionInst.MASK_BRANCH_CHANNELS", 16, "MODEL.DiffusionInst.MASK_NORM", "BN"]
+    def args(metric):
+        return ["--config-file", "configs/diffinst.synthetic.res18.yaml", "--steps", "1", "--boxes", "4", "8",
+                "--seeds", "0", "--output-dir", str(tmp_path), "--metric", metric, "--no-plots",
+                *map(str, opts)]  # fmt: skip
+
+    assert tool.main(args("segm/AP")) == 0
+    assert "segm/AP, mean ± std over seeds [0]" in capsys.readouterr().out
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(float(r["segm/AP"]) >= 0 and float(r["bbox/AP"]) >= 0 for r in rows)
+    with pytest.raises(ValueError, match="segm/APx"):  # finished runs are reused, then the table
+        tool.main(args("segm/APx"))
