@@ -142,7 +142,7 @@ def test_diffusioninst_main_job_on_coco_json_prints_mask_ap(tmp_path):
     # The DiffusionInst main job on an own COCO json with polygon masks (--coco-json: the same
     # images for training and evaluation, no synthetic set generated): box and mask AP rows.
     json_path = generate_synthetic_crowd(str(tmp_path / "coco"), split="train", num_images=3, seed=1,
-                                         image_size=(64, 96), max_objects=6)  # fmt: skip
+                                         image_size=(64, 96), min_objects=2, max_objects=6)  # fmt: skip
     out = tmp_path / "out"
     inst = ["MODEL.DiffusionInst.MASK_BRANCH_CHANNELS", 16, "MODEL.DiffusionInst.MASK_NUM_CONVS", 1,
             "MODEL.DiffusionInst.MASK_NORM", "BN"]  # fmt: skip
