@@ -138,6 +138,10 @@ def add_diffusiondet_config(cfg):
 
     # Images per batch in evaluation loaders (inference is batch-safe; detectron2 uses 1).
     cfg.TEST.IMS_PER_BATCH = 1
+    # Zero-shot transfer: "source:target" class-name pairs relabelling the detections (training
+    # classes) to the evaluated dataset's classes before evaluation; unmapped classes are
+    # dropped. Empty: no relabelling. E.g. ("person:person",) for COCO -> CrowdHuman.
+    cfg.TEST.CLASS_MAPPING = ()
 
     # Shorter-side sizes of the resize that precedes the random crop in the DETR-style branch.
     cfg.INPUT.CROP.PRE_CROP_MIN_SIZES = (400, 500, 600)

@@ -11,7 +11,7 @@ from detectron2.utils import comm
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 
 from ..data import DiffusionDetDatasetMapper
-from ..evaluation import CrowdHumanEvaluator
+from ..evaluation import ClassMappingEvaluator, CrowdHumanEvaluator, parse_class_mapping
 from ..evaluation.lvis_compat import ensure_lvis_numpy_compat
 from .checkpoint import DiffusionDetCheckpointer
 from .optimizer import build_optimizer
@@ -99,13 +99,23 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator = cls._dataset_evaluator(cfg, dataset_name, output_folder)
+        if not cfg.TEST.CLASS_MAPPING:
+            return evaluator
+        source = _training_classes(cfg)
+        target = MetadataCatalog.get(dataset_name).get("thing_classes", [])
+        return ClassMappingEvaluator(evaluator, parse_class_mapping(cfg.TEST.CLASS_MAPPING, source, target))
+
+    @classmethod
+    def _dataset_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         meta = MetadataCatalog.get(dataset_name)
         if getattr(meta, "evaluator_type", None) == "crowdhuman":
-            # The person class of the model's own training data (COCO zero-shot: id 0 too).
-            train_classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", []) \
-                if cfg.DATASETS.TRAIN else []
-            person = train_classes.index("person") if "person" in train_classes else 0
+            if cfg.TEST.CLASS_MAPPING:  # detections arrive relabelled to this dataset's classes
+                person = meta.get("thing_classes", ["person"]).index("person")
+            else:  # the person class of the model's own training data (COCO zero-shot: id 0 too)
+                train_classes = _training_classes(cfg)
+                person = train_classes.index("person") if "person" in train_classes else 0
             return CrowdHumanEvaluator(dataset_name, output_folder, person_class=person)
         if getattr(meta, "evaluator_type", None) == "lvis" or "lvis" in dataset_name:
             ensure_lvis_numpy_compat()
@@ -117,3 +127,7 @@ class Trainer(DefaultTrainer):
             output_dir=output_folder,
             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
         )
+
+
+def _training_classes(cfg):
+    return MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", []) if cfg.DATASETS.TRAIN else []
