@@ -5,7 +5,8 @@ Shape shorthand: B images, N proposals, M detections of one image. Boxes are abs
 
 :class:`DiffusionInference` is the inference half of :class:`DiffusionDet` (a mixin, kept apart
 so each file stays readable); its extension points for subclasses are ``sampled_outputs``,
-``build_instances`` and ``resize_instances``, with the per-image :class:`ImageContext`.
+``build_instances``, ``resize_instances`` and ``finish_instances``, with the per-image
+:class:`ImageContext`.
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -145,12 +146,15 @@ class DiffusionInference:
         """One image's candidates (one dict per ensembled call) -> its final Instances.
 
         Merge, class-aware NMS and the cap (``sampler.select_detections``), then
-        :meth:`build_instances` in the network-input frame and, with ``do_postprocess``,
-        :meth:`resize_instances` to ``ctx.output_size``.
+        :meth:`build_instances` in the network-input frame, with ``do_postprocess``
+        :meth:`resize_instances` to ``ctx.output_size``, and :meth:`finish_instances` in the
+        final frame (``ctx.output_size``, or ``ctx.image_size`` without ``do_postprocess``).
         """
         det = self.sampler.select_detections(candidates)
         inst = self.build_instances(det, ctx)
-        return self.resize_instances(inst, ctx) if do_postprocess else inst
+        if not do_postprocess:
+            return self.finish_instances(inst, ctx, ctx.image_size)
+        return self.finish_instances(self.resize_instances(inst, ctx), ctx, ctx.output_size)
 
     def inference_autocast(self):
         """The autocast context of ``inference_amp`` on the model's device (a no-op when off)."""
@@ -171,6 +175,11 @@ class DiffusionInference:
     def resize_instances(self, inst: Instances, ctx: ImageContext) -> Instances:
         """Rescale to ``ctx.output_size``, clip the boxes and drop empty ones."""
         return detector_postprocess(inst, *ctx.output_size)
+
+    def finish_instances(self, inst: Instances, ctx: ImageContext, frame_size) -> Instances:
+        """Hook for subclasses: fields made in the final (h, w) ``frame_size``, after boxes are
+        final (e.g. DiffusionInst pastes its masks); nothing to do here."""
+        return inst
 
 
 def _to_fp32(value):

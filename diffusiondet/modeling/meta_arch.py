@@ -9,7 +9,8 @@ Extension points used by subclasses (DiffusionInst):
   * ``build_targets`` (extra GT fields for extra losses);
   * ``sampled_outputs`` (final-stage per-proposal head outputs carried through sampling, the
     ensemble, NMS and the cap, e.g. mask filters);
-  * ``build_instances`` / ``resize_instances`` (extra output fields, with the per-image
+  * ``build_instances`` / ``resize_instances`` / ``finish_instances`` (extra output fields,
+    e.g. masks pasted in the final frame, with the per-image
     :class:`ImageContext`: sizes and the head's per-image outputs such as a mask feature map).
 """
 from typing import Dict, List, Optional, Sequence, Tuple

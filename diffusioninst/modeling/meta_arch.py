@@ -129,24 +129,14 @@ class DiffusionInst(DiffusionDet):
         inst.pred_mask_probs = logits.sigmoid()
         return inst
 
-    def resize_instances(self, inst: Instances, ctx: ImageContext) -> Instances:
-        """Boxes as DiffusionDet; masks upsampled to the input, cropped to the un-padded image,
-        resized to ``ctx.output_size``, thresholded and (officially) clipped to their boxes."""
-        inst = super().resize_instances(inst, ctx)
-        return self._finish_masks(inst, ctx, ctx.output_size)
-
-    def postprocess(self, candidates, ctx: ImageContext, do_postprocess: bool = True) -> Instances:
-        inst = super().postprocess(candidates, ctx, do_postprocess)
-        if not do_postprocess:  # masks at the network-input size
-            inst = self._finish_masks(inst, ctx, ctx.image_size)
-        return inst
-
-    def _finish_masks(self, inst: Instances, ctx: ImageContext, output_size) -> Instances:
+    def finish_instances(self, inst: Instances, ctx: ImageContext, frame_size) -> Instances:
+        """Masks upsampled to the input, cropped to the un-padded image, resized to the final
+        ``frame_size``, thresholded and (officially) clipped to their final boxes."""
         probs = inst.pred_mask_probs
         inst.remove("pred_mask_probs")
         boxes = inst.pred_boxes.tensor if self.clip_masks_to_boxes else None
         inst.pred_masks = masks_to_image(
-            probs, self.head.mask_stride, ctx.image_size, tuple(output_size), boxes,
+            probs, self.head.mask_stride, ctx.image_size, tuple(frame_size), boxes,
             self.mask_threshold,
         )
         return inst
