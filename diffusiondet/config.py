@@ -8,7 +8,8 @@ Only this file, ``from_config`` classmethods and ``diffusiondet/engine`` read a 
 from detectron2.config import CfgNode as CN
 
 from .diffusion import PADDING_STRATEGIES
-from .options import ENSEMBLE_MODES, INFERENCE_AMP_DTYPES
+from .backbone_config import add_backbone_config, backbone_config_errors
+from .options import ENSEMBLE_MODES, INFERENCE_AMP_DTYPES, SAMPLER_UPDATES
 
 
 def add_diffusiondet_config(cfg):
@@ -104,6 +105,9 @@ def add_diffusiondet_config(cfg):
     # Which model calls feed the multi-step ensemble: "official" skips the last call
     # (as the released code does, issue #56), "all_steps" uses every call.
     d.ENSEMBLE = "official"
+    # How a step moves the kept boxes to the next timestep (paper Table 4c): "ddim" (official)
+    # or "x0" (no DDIM: the step's predicted boxes are the next step's input as they are).
+    d.SAMPLER_UPDATE = "ddim"
 
     # --- inference ---
     # Class-aware NMS on the final candidates.
@@ -122,6 +126,8 @@ def add_diffusiondet_config(cfg):
     # "nonfinite_steps" scalar) before training stops with an error; 0 stops at the first one,
     # as detectron2 does. An isolated bad batch then costs one step, not the run.
     cfg.SOLVER.MAX_NONFINITE_STEPS = 10
+
+    add_backbone_config(cfg)  # MODEL.SWIN and MODEL.TIMM
 
     # --- own COCO-format data without writing Python ---
     # When TRAIN_JSON is set, it is registered as "custom_train" and used as DATASETS.TRAIN;
@@ -181,6 +187,10 @@ def validate_diffusiondet_config(cfg):
             f"MODEL.DiffusionDet.PADDING must be one of {PADDING_STRATEGIES}, got {d.PADDING!r}",
         ),
         (d.ENSEMBLE in ENSEMBLE_MODES, f"MODEL.DiffusionDet.ENSEMBLE must be one of {ENSEMBLE_MODES}, got {d.ENSEMBLE!r}"),
+        (
+            d.SAMPLER_UPDATE in SAMPLER_UPDATES,
+            f"MODEL.DiffusionDet.SAMPLER_UPDATE must be one of {SAMPLER_UPDATES}, got {d.SAMPLER_UPDATE!r}",
+        ),
         (d.NUM_TIMESTEPS >= 2, f"MODEL.DiffusionDet.NUM_TIMESTEPS must be >= 2, got {d.NUM_TIMESTEPS}"),
         (d.SNR_SCALE > 0, f"MODEL.DiffusionDet.SNR_SCALE must be > 0, got {d.SNR_SCALE}"),
         (d.PLACEHOLDER_STD > 0, f"MODEL.DiffusionDet.PLACEHOLDER_STD must be > 0, got {d.PLACEHOLDER_STD}"),
@@ -226,6 +236,6 @@ def validate_diffusiondet_config(cfg):
             f"SOLVER.MAX_NONFINITE_STEPS must be >= 0, got {cfg.SOLVER.MAX_NONFINITE_STEPS}",
         ),
     ]
-    errors = [msg for ok, msg in checks if not ok]
+    errors = [msg for ok, msg in checks if not ok] + backbone_config_errors(cfg)
     if errors:
         raise ValueError("Invalid DiffusionDet config:\n  " + "\n  ".join(errors))

