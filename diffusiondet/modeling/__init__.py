@@ -1,4 +1,5 @@
 """DiffusionDet model parts: head, matcher, criterion, sampler and meta-architecture."""
+from . import backbone  # registers the Swin-FPN and timm-FPN backbone builders
 from .criterion import SetCriterion
 from .head import DynamicHead
 from .matcher import DynamicKMatcher
