@@ -1,8 +1,9 @@
 """Config keys of the backbones DiffusionDet adds to detectron2's ResNet-FPN: Swin and timm.
 
 ``MODEL.SWIN`` keeps the official key names so official Swin YAMLs merge unchanged;
-``MODEL.TIMM`` is ours. Both feed detectron2's FPN (``MODEL.FPN.*``); the frozen stages come from
-detectron2's ``MODEL.BACKBONE.FREEZE_AT``. Called by ``add_diffusiondet_config``.
+``MODEL.TIMM`` is ours. Both feed detectron2's FPN (``MODEL.FPN.*``). A timm backbone's frozen
+stages come from detectron2's ``MODEL.BACKBONE.FREEZE_AT``; Swin ignores it and trains every
+stage, as the official model does. Called by ``add_diffusiondet_config``.
 """
 from detectron2.config import CfgNode as CN
 
@@ -39,10 +40,9 @@ def add_backbone_config(cfg):
     cfg.MODEL.TIMM = CN()
     # timm model name used by build_timm_fpn_backbone (e.g. "convnext_tiny",
     # "tf_efficientnet_lite0", "resnet50d"); any model that supports features_only.
+    # The levels it feeds to the FPN are MODEL.FPN.IN_FEATURES, named c{k} for stride 2^k
+    # (c2..c5 = strides 4..32, whatever timm's feature indices are in that family).
     cfg.MODEL.TIMM.NAME = ""
-    # timm feature indices exported to the FPN as c{log2 stride}; most families give strides
-    # 2, 4, 8, 16, 32 for indices 0..4, so the default is the c2..c5 of a ResNet.
-    cfg.MODEL.TIMM.OUT_INDICES = (1, 2, 3, 4)
     # BatchNorm handling: "FrozenBN" (statistics and affine frozen, as detectron2's ResNet),
     # "BN" (trained, for training from scratch) or "SyncBN". Models without BatchNorm ignore it.
     cfg.MODEL.TIMM.NORM = "FrozenBN"
@@ -69,10 +69,6 @@ def backbone_config_errors(cfg):
         (
             cfg.MODEL.TIMM.NORM in TIMM_NORMS,
             f"MODEL.TIMM.NORM must be one of {TIMM_NORMS}, got {cfg.MODEL.TIMM.NORM!r}",
-        ),
-        (
-            len(cfg.MODEL.TIMM.OUT_INDICES) > 0 and list(cfg.MODEL.TIMM.OUT_INDICES) == sorted(set(cfg.MODEL.TIMM.OUT_INDICES)),
-            f"MODEL.TIMM.OUT_INDICES must be increasing feature indices, got {cfg.MODEL.TIMM.OUT_INDICES}",
         ),
         (
             cfg.MODEL.TIMM.DROP_PATH_RATE >= 0,
