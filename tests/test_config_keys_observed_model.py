@@ -283,6 +283,8 @@ SAMPLER_ROWS = [
     Row("DDIM_ETA", "2nd call input independent of DDIM noise", [0.0, 0.5, 1.0],
         step_ignores_ddim_noise, [True, False, False],
         base=STEP3 + ["MODEL.DiffusionDet.BOX_RENEWAL", False]),
+    Row("SAMPLER_UPDATE", "2nd call input independent of DDIM noise", ["ddim", "x0"],
+        step_ignores_ddim_noise, [False, True], base=STEP3 + ["MODEL.DiffusionDet.BOX_RENEWAL", False]),
     Row("BOX_RENEWAL", "draws: x_T, DDIM noise, refill (all scores < 0.5)", [True, False],
         draw_shapes,
         [[X_T, ("randn", (0, 4)), ("randn", (N, 4))], [X_T, ("randn", (N, 4)), ("randn", (0, 4))]],

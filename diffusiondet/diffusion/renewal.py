@@ -16,6 +16,11 @@ from .ddim import Scalar, ddim_step
 # draw(image_index, shape) -> standard normal tensor of that shape for that image.
 DrawFn = Callable[[int, Tuple[int, ...]], Tensor]
 
+# How kept proposals move to the next timestep: "ddim" (DDIM update, official) or "x0" (the
+# clamped prediction x̂_0 as it is, paper Table 4c "without DDIM"). Mirrors
+# ``diffusiondet.options.SAMPLER_UPDATES``; repeated here because this package imports torch only.
+STEP_UPDATES = ("ddim", "x0")
+
 
 def compact_kept_first(keep: Tensor) -> Tuple[Tensor, Tensor]:
     """Order that moves kept proposals to the front, each group in original order.
@@ -42,14 +47,16 @@ def renew_and_step(
     eta: float,
     draw: DrawFn,
     renew: bool = True,
+    update: str = "ddim",
 ) -> Tensor:
     """Keep the confident proposals of each image, DDIM-step them, refill with fresh noise.
 
     For image b with k_b proposals scoring > ``threshold`` (all N when ``renew`` is False):
-    x_next[b, :k_b] = ddim_step(kept x̂_0, kept ε̂, noise = draw(b, (k_b, 4))) in original order;
+    x_next[b, :k_b] = ddim_step(kept x̂_0, kept ε̂, noise = draw(b, (k_b, 4))) in original order
+    (``update="x0"``: the kept x̂_0 themselves; the DDIM noise is still drawn and unused);
     x_next[b, k_b:] = draw(b, (N − k_b, 4)) (fresh N(0, I) boxes). Both draws are made for every
-    image and every call, even when empty, so draw counts are fixed (2 per image per step);
-    image b's draws are made before image b + 1's.
+    image and every call, even when empty, so draw counts are fixed (2 per image per step) and a
+    seed gives the same refills under either update; image b's draws come before image b + 1's.
 
     Args:
         x0: (B, N, 4) x̂_0 in signal space (clamped).
@@ -62,10 +69,13 @@ def renew_and_step(
         draw: ``draw(b, shape)`` returns standard normal samples for image b (any dtype/device;
             cast to ``x0``'s).
         renew: False keeps every proposal (no refill).
+        update: one of ``STEP_UPDATES``.
 
     Returns:
         (B, N, 4) next sample x_{t_next} in ``x0``' dtype.
     """
+    if update not in STEP_UPDATES:
+        raise ValueError(f"update must be one of {STEP_UPDATES}, got {update!r}")
     batch, num_proposals = x0.shape[:2]
     if renew:
         keep = scores > threshold
@@ -84,7 +94,10 @@ def renew_and_step(
         noise_rows.append(torch.cat([ddim_noise, refill], dim=0))
     noise = torch.stack(noise_rows)  # (B, N, 4)
 
-    stepped = ddim_step(x0_kept_first, eps_kept_first, alpha_t, alpha_next, eta, noise)
+    if update == "ddim":
+        stepped = ddim_step(x0_kept_first, eps_kept_first, alpha_t, alpha_next, eta, noise)
+    else:
+        stepped = x0_kept_first  # "without DDIM": the prediction is the next input
     slot = torch.arange(num_proposals, device=x0.device)
     is_kept_slot = (slot[None, :] < num_kept[:, None]).unsqueeze(-1)  # (B, N, 1)
     return torch.where(is_kept_slot, stepped, noise)

@@ -127,6 +127,7 @@ def sampler_kwargs(cfg) -> Dict[str, Any]:
         nms_threshold=d.NMS_THRESH,
         detections_per_image=d.DETECTIONS_PER_IMAGE,
         skip_unused_calls=d.SKIP_UNUSED_CALLS,
+        update=d.SAMPLER_UPDATE,
     )
 
 

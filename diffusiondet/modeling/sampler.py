@@ -6,7 +6,8 @@ signal = ``(normalised cxcywh * 2 - 1) * snr_scale``.
 
 Differences from the official ``ddim_sample``, both switchable: renewal uses each image's own
 scores (the official code uses image 0's for the whole batch), and ``ensemble="all_steps"``
-also ensembles the last model call (the official code drops it, issue #56).
+also ensembles the last model call (the official code drops it, issue #56). ``update="x0"`` is
+the paper's "without DDIM" ablation (Table 4c): kept boxes go to the next call as predicted.
 """
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,7 +23,7 @@ from ..diffusion import (
     renew_and_step,
     signal_to_boxes,
 )
-from ..options import ENSEMBLE_MODES
+from ..options import ENSEMBLE_MODES, SAMPLER_UPDATES
 from .postprocess import cap_detections, merge_candidates, nms_candidates, topk_candidates
 
 # denoise_fn(boxes (B, N, 4) abs xyxy, t (B,) long) -> {"pred_logits": (B, N, K),
@@ -56,6 +57,8 @@ class DDIMBoxSampler:
             ensemble="official" and S > 1, the last call (it is neither ensembled nor stepped).
             Same detections and random draws with 1/S less model time; False (the default)
             keeps the official S calls.
+        update: how kept boxes move between calls: "ddim" (official DDIM update) or "x0" (the
+            clamped prediction x̂_0 itself is the next call's input; same random draws).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class DDIMBoxSampler:
         nms_threshold: float = 0.5,
         detections_per_image: int = 0,
         skip_unused_calls: bool = False,
+        update: str = "ddim",
     ):
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps}")
@@ -87,6 +91,8 @@ class DDIMBoxSampler:
             raise ValueError(f"nms_threshold must be in [0, 1], got {nms_threshold}")
         if detections_per_image < 0:
             raise ValueError(f"detections_per_image must be >= 0, got {detections_per_image}")
+        if update not in SAMPLER_UPDATES:
+            raise ValueError(f"update must be one of {SAMPLER_UPDATES}, got {update!r}")
         self.steps = int(steps)
         self.eta = eta
         self.snr_scale = snr_scale
@@ -98,6 +104,7 @@ class DDIMBoxSampler:
         self.nms_threshold = nms_threshold
         self.detections_per_image = detections_per_image
         self.skip_unused_calls = skip_unused_calls
+        self.update = update
 
     def _ensembles_call(self, t_next: int) -> bool:
         """Whether the candidates of the call at (t, t_next) enter the ensemble."""
@@ -205,6 +212,7 @@ class DDIMBoxSampler:
                 self.eta,
                 draw,
                 renew=self.box_renewal,
+                update=self.update,
             )
         return [[call[b] for call in per_call_candidates] for b in range(batch)]
 
