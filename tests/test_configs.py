@@ -1,4 +1,5 @@
-"""Every YAML in configs/ builds a model; invalid values fail at start-up with a clear message."""
+"""Every YAML under configs/ (recursively) builds a model; invalid values fail at start-up with a
+clear message."""
 import glob
 import os
 
@@ -10,14 +11,14 @@ from detectron2.modeling import build_model
 from diffusioninst import build_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
-CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
 
 
 def test_configs_found():
     assert len(CONFIGS) >= 6
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_every_config_builds(path):
     cfg = build_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
