@@ -5,6 +5,7 @@ both measured in the same run on the same random-weight model.
     python tools/benchmark.py                    # R-50-FPN, 512x512, CPU: about 6 min on 2 cores
     python tools/benchmark.py --quick            # smoke run, about 1 min
     python tools/benchmark.py --device cuda --image-size 800 --amp bf16 --compile
+    python tools/benchmark.py --quick --roofline  # time against the fp32 GEMM peak (floor)
 
 Reference path (the official code's way): one image per call, detectron2's serial RoI pooling,
 the dynamic layer unchunked, all S model calls (the official ensemble ignores the last), fp32. Its images/s is measured once per (steps, boxes) with batch 1;
@@ -33,6 +34,7 @@ from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from diffusiondet.diffusion import TorchRandom
 from diffusiondet.engine import build_optimizer
 from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
+from diffusiondet.utils import roofline
 from diffusiondet.utils.cpu_info import describe_cpu
 
 FULL_CASES = ((1, 300), (4, 300), (1, 1000), (4, 1000), (4, 2000))
@@ -49,6 +51,9 @@ def parse_args():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (median)")
     parser.add_argument("--batches", help="comma-separated batch sizes (1,4; --quick 1,2)")
+    parser.add_argument("--cases", help="steps@boxes list replacing the default cases, e.g. 1@300,4@500")
+    parser.add_argument("--roofline", action="store_true",
+                        help="instead: head and backbone time against the fp32 GEMM peak")
     parser.add_argument(
         "--amp", default="bf16", choices=["", "bf16", "fp16"],
         help="also time INFERENCE_AMP at batch 1 ('' = no AMP rows)",
@@ -147,10 +152,10 @@ def timed_inference(model, images, head_timer, memory, repeats, warmup=False):
     for _ in range(repeats):
         head_timer.total = 0.0
         with memory.measure(result):
+            roofline.synchronize(model.device)  # no earlier kernel billed to this call
             start = time.perf_counter()
             outputs = model.inference(images, per_image_rng=per_image_rngs(len(images)))
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
+            roofline.synchronize(model.device)
             walls.append(time.perf_counter() - start)
         heads.append(head_timer.total)
     return statistics.median(walls), statistics.median(heads), result["peak_mb"], outputs
@@ -234,13 +239,13 @@ def benchmark_training(cfg, model, args) -> float:
         batch.append(dict(image, instances=inst))
     times = []
     for _ in range(args.train_iters + 1):
+        roofline.synchronize(model.device)
         start = time.perf_counter()
         losses = model(batch)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
+        roofline.synchronize(model.device)
         times.append(time.perf_counter() - start)
     model.eval()
     return args.train_iters / sum(times[1:])
@@ -276,6 +281,8 @@ def main():
 
         return chunk_sweep.run(repeats=max(args.repeats, 5), emulate_avx2=args.emulate_avx2)
     cases = QUICK_CASES if args.quick else FULL_CASES
+    if args.cases:
+        cases = [tuple(int(v) for v in case.split("@")) for case in args.cases.split(",")]
     if args.quick:  # --quick's sizes, unless --batches / --image-size are given
         args.batches, args.image_size = args.batches or "1,2", args.image_size or 384
     args.batches, args.image_size = args.batches or "1,4", args.image_size or 512
@@ -284,6 +291,9 @@ def main():
     cfg = build_config(args.config_file, opts)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    if args.roofline:  # a mode of its own: the head alone on precomputed features, fp32
+        print(roofline.report(model, args.config_file, args.image_size, cases, batches, args.repeats))
+        return 0
     compiled = None
     if args.compile:  # a copy, so that the reference path stays eager
         compiled = copy.deepcopy(model)
@@ -300,9 +310,7 @@ def main():
     model.inference(random_images(1, args.image_size))
     with torch.no_grad():
         images, _ = model.preprocess_image(random_images(1, args.image_size))
-        start = time.perf_counter()
-        model.extract_features(images)
-        backbone_s = time.perf_counter() - start
+        backbone_s = roofline.timed(lambda: model.extract_features(images), model.device, 1)[0]
 
     rows = benchmark_inference(model, compiled, args, cases, batches, head_timer, memory)
     train_ips = benchmark_training(cfg, model, args) if args.train_iters > 0 else None
