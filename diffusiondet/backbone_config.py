@@ -76,5 +76,8 @@ def backbone_config_errors(cfg):
         ),
     ]
     if cfg.MODEL.BACKBONE.NAME == "build_timm_fpn_backbone":
-        checks.append((bool(cfg.MODEL.TIMM.NAME), "MODEL.TIMM.NAME must name a timm model for build_timm_fpn_backbone"))
+        checks.append((
+            bool(cfg.MODEL.TIMM.NAME),
+            "MODEL.TIMM.NAME must name a timm model when MODEL.BACKBONE.NAME is build_timm_fpn_backbone",
+        ))
     return [msg for ok, msg in checks if not ok]

@@ -21,6 +21,7 @@ BAD_VALUES = [
     ("MODEL.DiffusionDet.NUM_TIMESTEPS", 1, ()),
     ("MODEL.DiffusionDet.PADDING", "zeros", ()),
     ("MODEL.DiffusionDet.ENSEMBLE", "last", ()),
+    ("MODEL.DiffusionDet.SAMPLER_UPDATE", "euler", ()),
     ("MODEL.DiffusionDet.SNR_SCALE", 0.0, ()),
     ("MODEL.DiffusionDet.PLACEHOLDER_STD", -0.1, ()),
     ("MODEL.DiffusionDet.RENEWAL_THRESHOLD", 1.5, ()),
@@ -32,6 +33,12 @@ BAD_VALUES = [
     ("MODEL.DiffusionDet.INFERENCE_AMP", "int8", ()),
     ("MODEL.DiffusionDet.POOLER_THREADS", -1, ()),
     ("MODEL.FPN.OUT_CHANNELS", 32, ()),
+    ("MODEL.SWIN.SIZE", "XL", ()),
+    ("MODEL.SWIN.OUT_FEATURES", (1, 4), ()),
+    ("MODEL.TIMM.NORM", "GN", ()),
+    ("MODEL.TIMM.DROP_PATH_RATE", -0.1, ()),
+    ("MODEL.BACKBONE.NAME", "build_timm_fpn_backbone", ()),
+    ("MODEL.TIMM.NAME", "", ("MODEL.BACKBONE.NAME", "build_timm_fpn_backbone")),
     ("TEST.IMS_PER_BATCH", 0, ()),
     ("SOLVER.OPTIMIZER", "LAMB", ()),
     ("SOLVER.MAX_NONFINITE_STEPS", -1, ()),
@@ -55,10 +62,12 @@ def _bad_value(key, value, extra, workdir):
 
 
 def _validated_keys():
-    """The full config keys ``validate_diffusiondet_config`` reads (``d.X`` is MODEL.DiffusionDet.X)."""
+    """The full config keys ``validate_diffusiondet_config`` and the backbone checks read
+    (``d.X`` is MODEL.DiffusionDet.X)."""
+    from diffusiondet.backbone_config import backbone_config_errors
     from diffusiondet.config import validate_diffusiondet_config
 
-    source = inspect.getsource(validate_diffusiondet_config)
+    source = inspect.getsource(validate_diffusiondet_config) + inspect.getsource(backbone_config_errors)
     keys = {"MODEL.DiffusionDet." + k for k in re.findall(r"\bd\.([A-Z_]+)", source)}
     keys |= {k for k in re.findall(r"\bcfg\.((?:[A-Z_]+\.)*[A-Z_]+)\b", source) if "." in k}
     return keys
