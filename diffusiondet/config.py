@@ -105,10 +105,8 @@ def add_diffusiondet_config(cfg):
     # Which model calls feed the multi-step ensemble: "official" skips the last call
     # (as the released code does, issue #56), "all_steps" uses every call.
     d.ENSEMBLE = "official"
-    # How a step moves the kept boxes to the next timestep (paper Table 4c): "ddim" (official),
-    # "x0" (no DDIM: the step's predicted boxes are the next step's input as they are) or
-    # "dpmpp_2m" (DPM-Solver++(2M): deterministic, ignores DDIM_ETA; second order for boxes kept
-    # at the previous step, first order for the first step and for renewed boxes).
+    # How a step moves the kept boxes to the next timestep (paper Table 4c): "ddim" (official)
+    # or "x0" (no DDIM: the step's predicted boxes are the next step's input as they are).
     d.SAMPLER_UPDATE = "ddim"
 
     # --- inference ---

@@ -11,7 +11,6 @@ INFERENCE_AMP_DTYPES = {"": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Which model calls of a multi-step DDIM run feed the ensemble (see DDIMBoxSampler).
 ENSEMBLE_MODES = ("official", "all_steps")
 
-# How the sampler moves kept boxes between steps: "ddim" (official DDIM update), "x0" (the
-# predicted boxes themselves, paper Table 4c "without DDIM") or "dpmpp_2m" (DPM-Solver++(2M),
-# deterministic, second order for boxes that survived the previous renewal).
-SAMPLER_UPDATES = ("ddim", "x0", "dpmpp_2m")
+# How the sampler moves kept boxes between steps: "ddim" (official DDIM update) or "x0" (the
+# predicted boxes themselves, paper Table 4c "without DDIM").
+SAMPLER_UPDATES = ("ddim", "x0")

@@ -1,4 +1,4 @@
-"""Box renewal + DDIM (or DPM-Solver++) step, per image and batched (spec 6.3b-d).
+"""Box renewal + DDIM step, per image and batched (spec 6.3b-d).
 
 Shape legend: B images, N proposals. Box tensors are in signal space.
 
@@ -6,22 +6,20 @@ The official sampler takes the renewal mask from image 0 and applies it to the w
 each image keeps its own confident boxes, so a batch gives the same result as its images alone
 (given per-image random draws).
 """
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
 
 from .ddim import Scalar, ddim_step
-from .dpm_solver import dpmpp_2m_step
 
 # draw(image_index, shape) -> standard normal tensor of that shape for that image.
 DrawFn = Callable[[int, Tuple[int, ...]], Tensor]
 
-# How kept proposals move to the next timestep: "ddim" (DDIM update, official), "x0" (the
-# clamped prediction x̂_0 as it is, paper Table 4c "without DDIM") or "dpmpp_2m" (DPM-Solver++(2M),
-# stepped by ``renew_and_dpm_step`` because it carries per-proposal history). Mirrors
+# How kept proposals move to the next timestep: "ddim" (DDIM update, official) or "x0" (the
+# clamped prediction x̂_0 as it is, paper Table 4c "without DDIM"). Mirrors
 # ``diffusiondet.options.SAMPLER_UPDATES``; repeated here because this package imports torch only.
-STEP_UPDATES = ("ddim", "x0", "dpmpp_2m")
+STEP_UPDATES = ("ddim", "x0")
 
 
 def compact_kept_first(keep: Tensor) -> Tuple[Tensor, Tensor]:
@@ -71,36 +69,13 @@ def renew_and_step(
         draw: ``draw(b, shape)`` returns standard normal samples for image b (any dtype/device;
             cast to ``x0``'s).
         renew: False keeps every proposal (no refill).
-        update: "ddim" or "x0" ("dpmpp_2m", which needs x_t and a history, is
-            ``renew_and_dpm_step``).
+        update: one of ``STEP_UPDATES``.
 
     Returns:
         (B, N, 4) next sample x_{t_next} in ``x0``' dtype.
     """
     if update not in STEP_UPDATES:
         raise ValueError(f"update must be one of {STEP_UPDATES}, got {update!r}")
-    if update == "dpmpp_2m":
-        raise ValueError("update 'dpmpp_2m' keeps a per-proposal history: use renew_and_dpm_step")
-    gather_index, noise, is_kept_slot = _compact_and_draw(x0, scores, threshold, draw, renew)
-    x0_kept_first = torch.gather(x0, 1, gather_index)  # (B, N, 4)
-    eps_kept_first = torch.gather(eps, 1, gather_index)  # (B, N, 4)
-    if update == "ddim":
-        stepped = ddim_step(x0_kept_first, eps_kept_first, alpha_t, alpha_next, eta, noise)
-    else:
-        stepped = x0_kept_first  # "without DDIM": the prediction is the next input
-    return torch.where(is_kept_slot, stepped, noise)
-
-
-def _compact_and_draw(
-    x0: Tensor, scores: Tensor, threshold: float, draw: DrawFn, renew: bool
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """The renewal decision and the step's draws, shared by every update.
-
-    Returns:
-        gather_index: (B, N, 4) long, kept-first order (``compact_kept_first``) for gathering.
-        noise: (B, N, 4) per image the DDIM noise (k_b rows) then the refill (N − k_b rows).
-        is_kept_slot: (B, N, 1) bool, True in the first k_b slots of image b.
-    """
     batch, num_proposals = x0.shape[:2]
     if renew:
         keep = scores > threshold
@@ -108,6 +83,8 @@ def _compact_and_draw(
         keep = torch.ones(batch, num_proposals, dtype=torch.bool, device=x0.device)
     order, num_kept = compact_kept_first(keep)
     gather_index = order.unsqueeze(-1).expand_as(x0)
+    x0_kept_first = torch.gather(x0, 1, gather_index)  # (B, N, 4)
+    eps_kept_first = torch.gather(eps, 1, gather_index)  # (B, N, 4)
 
     # Only the draws are per image: their sizes differ and each image owns its stream.
     noise_rows = []
@@ -116,69 +93,11 @@ def _compact_and_draw(
         refill = draw(b, (num_proposals - k, 4)).to(x0)
         noise_rows.append(torch.cat([ddim_noise, refill], dim=0))
     noise = torch.stack(noise_rows)  # (B, N, 4)
+
+    if update == "ddim":
+        stepped = ddim_step(x0_kept_first, eps_kept_first, alpha_t, alpha_next, eta, noise)
+    else:
+        stepped = x0_kept_first  # "without DDIM": the prediction is the next input
     slot = torch.arange(num_proposals, device=x0.device)
     is_kept_slot = (slot[None, :] < num_kept[:, None]).unsqueeze(-1)  # (B, N, 1)
-    return gather_index, noise, is_kept_slot
-
-
-class SolverHistory(NamedTuple):
-    """What DPM-Solver++(2M) remembers of the previous model call, slot-aligned with the sample.
-
-    x0: (B, N, 4) that call's clamped x̂_0 (signal space), permuted like the proposals.
-    has_history: (B, N) bool, False where the slot holds fresh noise (refill) instead.
-    alpha_cumprod: ᾱ_u of that call's timestep u (float).
-    """
-
-    x0: Tensor
-    has_history: Tensor
-    alpha_cumprod: Scalar
-
-
-def renew_and_dpm_step(
-    x_t: Tensor,
-    x0: Tensor,
-    scores: Tensor,
-    threshold: float,
-    alpha_t: Scalar,
-    alpha_next: Scalar,
-    draw: DrawFn,
-    history: Optional[SolverHistory] = None,
-    renew: bool = True,
-) -> Tuple[Tensor, SolverHistory]:
-    """``renew_and_step`` with the DPM-Solver++(2M) update (``dpm_solver.dpmpp_2m_step``).
-
-    Kept proposals take the 2M step where ``history`` holds their previous x̂_0, else the first
-    order one (first step of a run; proposals refilled at the previous step). Same renewal, slot
-    order and draws as ``update="ddim"`` (the DDIM noise is drawn and discarded), so a seed gives
-    the same x_T and refills under every update.
-
-    Args:
-        x_t: (B, N, 4) current sample in signal space (unclamped).
-        x0: (B, N, 4) x̂_0 (clamped); scores, threshold, draw, renew: as in ``renew_and_step``.
-        alpha_t: ᾱ_t. alpha_next: ᾱ_{t_next}.
-        history: the previous call's ``SolverHistory`` (None at the first step).
-
-    Returns:
-        x_next: (B, N, 4) next sample in ``x0``'s dtype.
-        history: this call's x̂_0 in the new slot order, valid in the kept slots.
-    """
-    gather_index, noise, is_kept_slot = _compact_and_draw(x0, scores, threshold, draw, renew)
-    x0_kept_first = torch.gather(x0, 1, gather_index)  # (B, N, 4)
-    x_t_kept_first = torch.gather(x_t.to(x0.dtype), 1, gather_index)
-    previous_x0, alpha_prev, has_history = None, None, None
-    if history is not None:
-        # The history follows its proposals: slot j of the new order is proposal order[j].
-        previous_x0 = torch.gather(history.x0, 1, gather_index)
-        has_history = torch.gather(history.has_history, 1, gather_index[..., 0])
-        alpha_prev = history.alpha_cumprod
-    stepped = dpmpp_2m_step(
-        x_t_kept_first, x0_kept_first, alpha_t, alpha_next, previous_x0, alpha_prev, has_history
-    )
-    x_next = torch.where(is_kept_slot, stepped, noise)
-    # Refilled slots get zeros: their has_history is False, the value is never read.
-    new_history = SolverHistory(
-        torch.where(is_kept_slot, x0_kept_first, torch.zeros_like(x0_kept_first)),
-        is_kept_slot[..., 0],
-        alpha_t,
-    )
-    return x_next, new_history
+    return torch.where(is_kept_slot, stepped, noise)

@@ -7,8 +7,7 @@ signal = ``(normalised cxcywh * 2 - 1) * snr_scale``.
 Differences from the official ``ddim_sample``, both switchable: renewal uses each image's own
 scores (the official code uses image 0's for the whole batch), and ``ensemble="all_steps"``
 also ensembles the last model call (the official code drops it, issue #56). ``update="x0"`` is
-the paper's "without DDIM" ablation (Table 4c): kept boxes go to the next call as predicted;
-``update="dpmpp_2m"`` steps them with DPM-Solver++(2M) (``diffusion.dpm_solver``).
+the paper's "without DDIM" ablation (Table 4c): kept boxes go to the next call as predicted.
 """
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,7 +23,6 @@ from ..diffusion import (
     renew_and_step,
     signal_to_boxes,
 )
-from ..diffusion.renewal import renew_and_dpm_step
 from ..options import ENSEMBLE_MODES, SAMPLER_UPDATES
 from .postprocess import cap_detections, merge_candidates, nms_candidates, topk_candidates
 
@@ -59,11 +57,8 @@ class DDIMBoxSampler:
             ensemble="official" and S > 1, the last call (it is neither ensembled nor stepped).
             Same detections and random draws with 1/S less model time; False (the default)
             keeps the official S calls.
-        update: how kept boxes move between calls: "ddim" (official DDIM update), "x0" (the
-            clamped prediction x̂_0 itself is the next call's input) or "dpmpp_2m"
-            (DPM-Solver++(2M), deterministic: ``eta`` is unused; second order for boxes kept at
-            the previous step, first order at the first step and for refills). Every update makes
-            the same random draws.
+        update: how kept boxes move between calls: "ddim" (official DDIM update) or "x0" (the
+            clamped prediction x̂_0 itself is the next call's input; same random draws).
     """
 
     def __init__(
@@ -156,10 +151,9 @@ class DDIMBoxSampler:
 
         Random draws, per image b in order (through ``per_image_rng[b]`` if given, else the shared
         ``rng``, default ``TorchRandom`` on ``image_whwh``'s device): x_T[b] ~ randn((N, 4)); then
-        in each non-final step the DDIM noise of the kept boxes (k_b, 4; drawn and unused by the
-        "x0" and "dpmpp_2m" updates) and the refill (N − k_b, 4). Each image therefore consumes
-        1 + 2·(S − 1) draws, and a batch run with per-image sources equals running each image
-        alone.
+        in each non-final step the DDIM noise of the kept boxes (k_b, 4) and the refill
+        (N − k_b, 4). Each image therefore consumes 1 + 2·(S − 1) draws, and a batch run with
+        per-image sources equals running each image alone.
 
         Args:
             denoise_fn: one model call, see ``DenoiseFn``; every output other than logits and
@@ -190,7 +184,6 @@ class DDIMBoxSampler:
 
         x = torch.stack([draw(b, (num_boxes, 4)) for b in range(batch)])  # (B, N, 4) signal
         per_call_candidates = []
-        history = None  # dpmpp_2m only: the previous call's x̂_0, following the proposals
         for t, t_next in ddim_time_pairs(alphas_cumprod.shape[0], self.steps):
             if self.skip_unused_calls and not self._ensembles_call(t_next):
                 break  # the final call of the official ensemble: its outputs would be dropped
@@ -209,27 +202,18 @@ class DDIMBoxSampler:
                 )
             if t_next < 0:
                 break
-            scores = self._proposal_scores(logits)
-            alpha_t, alpha_next = float(alphas_cumprod[t]), float(alphas_cumprod[t_next])
-            if self.update == "dpmpp_2m":
-                # x is the unclamped current sample, as in ε̂ above.
-                x, history = renew_and_dpm_step(
-                    x, x0, scores, self.renewal_threshold, alpha_t, alpha_next, draw, history,
-                    renew=self.box_renewal,
-                )
-            else:
-                x = renew_and_step(
-                    x0,
-                    eps,
-                    scores,
-                    self.renewal_threshold,
-                    alpha_t,
-                    alpha_next,
-                    self.eta,
-                    draw,
-                    renew=self.box_renewal,
-                    update=self.update,
-                )
+            x = renew_and_step(
+                x0,
+                eps,
+                self._proposal_scores(logits),
+                self.renewal_threshold,
+                float(alphas_cumprod[t]),
+                float(alphas_cumprod[t_next]),
+                self.eta,
+                draw,
+                renew=self.box_renewal,
+                update=self.update,
+            )
         return [[call[b] for call in per_call_candidates] for b in range(batch)]
 
     def select_detections(self, candidates: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
