@@ -5,7 +5,7 @@
         --weights output/synthetic_res18/model_final.pth --calls 1 2 3 4 8 --boxes 300 --seeds 0 1 2
 
 Each sampler is a set of config overrides (``--samplers NAME=KEY:VALUE,KEY:VALUE ...``; default:
-DDIM with η = 1 (official), DDIM with η = 0 and DPM-Solver++(2M)). ``tools/sweep.py`` evaluates
+DDIM with η = 1 (official) and DDIM with η = 0). ``tools/sweep.py`` evaluates
 each one at every call count (backbone once per image, same noise seeds for every sampler) into
 ``<output-dir>/<name>/``; this script then prints a markdown table of the metric, mean ± std over
 seeds, calls × samplers.
@@ -25,7 +25,6 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SAMPLERS = [
     "ddim_eta1=MODEL.DiffusionDet.SAMPLER_UPDATE:ddim,MODEL.DiffusionDet.DDIM_ETA:1.0",
     "ddim_eta0=MODEL.DiffusionDet.SAMPLER_UPDATE:ddim,MODEL.DiffusionDet.DDIM_ETA:0.0",
-    "dpmpp_2m=MODEL.DiffusionDet.SAMPLER_UPDATE:dpmpp_2m",
 ]
 
 
