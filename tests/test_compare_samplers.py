@@ -1,9 +1,12 @@
-"""tools/compare_samplers.py: the calls -> SAMPLE_STEP mapping matches the model, and the table."""
+"""tools/compare_samplers.py: the calls -> SAMPLE_STEP mapping matches the model, and the table;
+the sampler's own count of its calls (used by the roofline) matches the calls it makes."""
 import csv
 import importlib.util
 import os
 
 import pytest
+
+from detectron2.modeling import build_model
 
 from tests.test_config_keys_observed import run_model
 from tests.utils import tiny_cfg
@@ -54,3 +57,13 @@ def test_table_reads_each_samplers_sweep_by_call_count(tmp_path):
     assert table[0] == "| model calls | a | b |"
     assert table[2] == "| 1 | 11.00 ± 1.41 | 11.00 ± 0.00 |"
     assert table[3] == "| 2 | 20.00 ± 0.00 | 32.00 ± 2.83 |"  # 2 calls = SAMPLE_STEP 3
+
+
+@pytest.mark.parametrize("ensemble, skip", [("official", True), ("official", False), ("all_steps", True)])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_sampler_reports_the_calls_it_makes(ensemble, skip, steps):
+    cfg = tiny_cfg("MODEL.DiffusionDet.SAMPLE_STEP", steps, "MODEL.DiffusionDet.ENSEMBLE", ensemble,
+                   "MODEL.DiffusionDet.SKIP_UNUSED_CALLS", skip)  # fmt: skip
+    run = run_model(cfg)
+    sampler = build_model(cfg).sampler
+    assert sampler.model_calls() == sampler.model_calls(steps) == len(run.calls)

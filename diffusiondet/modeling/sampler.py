@@ -106,10 +106,19 @@ class DDIMBoxSampler:
         self.skip_unused_calls = skip_unused_calls
         self.update = update
 
+    def _last_call_unused(self, steps: int) -> bool:
+        """Whether the ensemble drops the last call of an S-step run (official, S > 1)."""
+        return self.ensemble != "all_steps" and steps > 1
+
     def _ensembles_call(self, t_next: int) -> bool:
         """Whether the candidates of the call at (t, t_next) enter the ensemble."""
         is_last_call = t_next < 0
-        return self.ensemble == "all_steps" or self.steps == 1 or not is_last_call
+        return not (is_last_call and self._last_call_unused(self.steps))
+
+    def model_calls(self, steps: Optional[int] = None) -> int:
+        """Model calls one run of ``steps`` steps (default: this sampler's S) makes."""
+        steps = self.steps if steps is None else steps
+        return steps - 1 if self.skip_unused_calls and self._last_call_unused(steps) else steps
 
     def _proposal_scores(self, logits: Tensor) -> Tensor:
         """(B, N) confidence used by box renewal: the best class probability of each proposal."""

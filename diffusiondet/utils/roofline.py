@@ -165,9 +165,7 @@ def run(model, image_size: int, cases, batches, repeats: int = 3, gemm_n: int = 
     heads = [head_roofline(model, [f[:b] for f in features], images.image_sizes[0], n, peak, repeats)
              for n in sorted({n for _, n in cases}) for b in batches]  # fmt: skip
     # Model calls per image of S steps: the sampler skips the last call when nothing uses it.
-    sampler = model.sampler
-    skip = sampler.skip_unused_calls and sampler.ensemble != "all_steps"
-    calls = [(s, n, s - 1 if skip and s > 1 else s) for s, n in cases]
+    calls = [(s, n, model.sampler.model_calls(s)) for s, n in cases]
     return dict(peak_gflops=peak, gemm_n=gemm_n, backbone=backbone, heads=heads, calls=calls,
                 parts=head_flops(model.head, cases[0][1]), parts_boxes=cases[0][1])  # fmt: skip
 
