@@ -15,6 +15,12 @@ Per image (spec 4.1):
 5. GTs left without a query repeatedly take their cheapest query, after already-matched queries
    are made ``unmatched_gt_cost`` more expensive.
 
+Every cost (class, L1, GIoU, the IoUs of dynamic k, the centre prior) is computed in float32
+whatever the input dtype: fp16 / bf16 logits and boxes (AMP training) are upcast on entry, because
+in fp16 the ``1e-8`` inside the class cost's logs rounds to 0, so logits beyond about +8 / -17 make
+the cost infinite, and the ``1e5`` re-matching penalty overflows fp16. Float64 inputs stay float64
+(the matcher never computes in less precision than its input).
+
 The official implementation's class name (``HungarianMatcherDynamicK``) is a misnomer: there is no
 Hungarian step. Step 5 reproduces an official quirk on purpose, see ``_assign``.
 """
@@ -28,8 +34,15 @@ from .box_losses import order_box_corners
 Match = Tuple[torch.Tensor, torch.Tensor]
 
 
+def cost_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Dtype the matcher computes in: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 class DynamicKMatcher:
     """Dynamic-k matcher; stateless (adds no ``state_dict`` keys) and never tracks gradients.
+
+    Costs are float32 for any input dtype (float64 inputs: float64), see the module docstring.
 
     Args:
         cost_class / cost_bbox / cost_giou: weights of the classification, L1 and GIoU costs
@@ -81,8 +94,8 @@ class DynamicKMatcher:
         """Match every image of a batch independently.
 
         Args:
-            pred_logits: (B, N, K) class logits (K + 1 for the softmax variant).
-            pred_boxes: (B, N, 4) abs xyxy predicted boxes.
+            pred_logits: (B, N, K) class logits (K + 1 for the softmax variant), any float dtype.
+            pred_boxes: (B, N, 4) abs xyxy predicted boxes, any float dtype.
             targets: B dicts with ``labels`` (G,) long, ``boxes_xyxy`` (G, 4) abs xyxy and
                 ``image_size_xyxy`` (4,) = (w, h, w, h) of the un-padded image; G may be 0.
 
@@ -90,7 +103,9 @@ class DynamicKMatcher:
             B tuples ``(fg_mask (N,) bool, matched_gt (num_pos,) long)``: the positive queries and,
             in query order, the index into that image's GT list of each positive's GT.
         """
-        probs = self._class_probabilities(pred_logits)  # (B, N, K) or (B, N, K + 1)
+        dtype = cost_dtype(pred_logits, pred_boxes)  # upcast before the sigmoid: fp16 underflows
+        probs = self._class_probabilities(pred_logits.to(dtype))  # (B, N, K) or (B, N, K + 1)
+        pred_boxes = pred_boxes.to(dtype)
         return [self.match_image(p, b, t) for p, b, t in zip(probs, pred_boxes, targets)]
 
     def _class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -109,6 +124,8 @@ class DynamicKMatcher:
         Returns:
             ``(fg_mask (N,) bool, matched_gt (num_pos,) long)``.
         """
+        dtype = cost_dtype(probs, boxes)
+        probs, boxes = probs.to(dtype), boxes.to(dtype)
         gt_labels = target["labels"]
         gt_boxes = target["boxes_xyxy"].to(boxes.dtype)
         num_queries, num_gt = boxes.shape[0], gt_labels.shape[0]
@@ -178,7 +195,10 @@ class DynamicKMatcher:
             ``(fg_mask (N,) bool, matched_gt (num_pos,) long)``.
         """
         num_gt = cost.shape[1]
-        cost = cost.clone()  # re-matching raises the cost of matched rows
+        # A copy (re-matching raises the cost of matched rows), in float32 at least: the
+        # unmatched_gt_cost penalty would overflow fp16.
+        cost = cost.to(cost_dtype(cost), copy=True)
+        ious = ious.to(cost.dtype)
         matching = torch.zeros_like(cost)  # (N, G), 1 = query assigned to GT
         gt_index = torch.arange(num_gt, device=cost.device)
 
