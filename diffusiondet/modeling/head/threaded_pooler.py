@@ -8,7 +8,8 @@ single cost of the head (25-50 % of a head call at 1000 boxes on a 2-core CPU). 
 releases the GIL and every RoI is computed independently, so pooling disjoint RoI subsets in
 parallel threads gives bit-identical outputs. detectron2's ``ROIPooler`` also zero-fills the
 (M, D, R, R) output before scattering each level into it; here every row is written exactly once,
-so the buffer is left uninitialised.
+so the buffer is left uninitialised. In training, the RoIAlign backward (about 6x its forward,
+also single-threaded) is split the same way, each thread scattering into its own gradient.
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,53 @@ def _shared_executor(num_workers: int) -> ThreadPoolExecutor:
         return _executor[1]
 
 
+def _run_parts(fn, parts) -> list:
+    """``fn(part)`` for every part, the first on the calling thread, the rest on the pool."""
+    futures = [_shared_executor(len(parts) - 1).submit(fn, p) for p in parts[1:]]
+    return [fn(parts[0])] + [future.result() for future in futures]
+
+
+class _ThreadedRoIAlign(torch.autograd.Function):
+    """torchvision's ``roi_align`` of one level with the RoIs split over threads, forward and
+    backward. Each thread's backward scatters into its own full-size gradient and the partial
+    gradients are summed: the same terms as the serial kernel, added in another order (float
+    rounding only); the forward is bit-identical."""
+
+    @staticmethod
+    def forward(ctx, feature, rois, spatial_scale, output_size, sampling_ratio, aligned, parts):
+        ctx.save_for_backward(rois)
+        ctx.config = (spatial_scale, output_size, sampling_ratio, aligned, parts, feature.shape)
+        row_parts = [rows for rows in torch.arange(len(rois)).tensor_split(parts) if rows.numel()]
+
+        def pool(rows):
+            with torch.no_grad():  # grad mode is per thread; this Function is the graph node
+                return torch.ops.torchvision.roi_align(
+                    feature, rois[rows], spatial_scale, *output_size, sampling_ratio, aligned
+                )
+
+        if not row_parts:  # an empty level still gets a (zero) gradient, as in ROIPooler
+            return feature.new_empty((0, feature.shape[1]) + tuple(output_size))
+        return torch.cat(_run_parts(pool, row_parts))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (rois,) = ctx.saved_tensors
+        spatial_scale, output_size, sampling_ratio, aligned, parts, shape = ctx.config
+        grad_output = grad_output.contiguous()
+        row_parts = [rows for rows in torch.arange(len(rois)).tensor_split(parts) if rows.numel()]
+
+        def scatter(rows):
+            return torch.ops.torchvision._roi_align_backward(
+                grad_output[rows], rois[rows], spatial_scale, *output_size, *shape,
+                sampling_ratio, aligned,
+            )  # fmt: skip
+
+        if not row_parts:
+            return grad_output.new_zeros(shape), None, None, None, None, None, None
+        partial = _run_parts(scatter, row_parts)
+        return sum(partial[1:], partial[0]), None, None, None, None, None, None
+
+
 class ThreadedROIPooler(ROIPooler):
     """detectron2 :class:`ROIPooler` (same arguments, no state) with a threaded CPU inference path.
 
@@ -46,18 +94,23 @@ class ThreadedROIPooler(ROIPooler):
     training, tracing/compiling, ``num_threads == 1``) the call is exactly ``ROIPooler.forward``.
     """
 
-    def __init__(self, *args, num_threads: int = 0, **kwargs):
+    def __init__(self, *args, num_threads: int = 0, threaded_backward: bool = True, **kwargs):
         """
         Args:
             *args, **kwargs: :class:`ROIPooler` arguments (output_size, scales, sampling_ratio,
                 pooler_type, ...).
             num_threads: threads pooling RoIs in parallel; 0 = ``torch.get_num_threads()`` at
                 call time, 1 = detectron2's serial pooler.
+            threaded_backward: also split training's RoIAlign (forward and backward) over the
+                threads; False = detectron2's pooler whenever gradients are needed.
         """
         super().__init__(*args, **kwargs)
         if num_threads < 0:
             raise ValueError(f"num_threads must be >= 0 (0 = automatic), got {num_threads}")
         self.num_threads = num_threads
+        # Training on CPU: RoIAlign's forward and backward split over the same threads (the
+        # gradient then differs from the serial kernel's in float rounding only).
+        self.threaded_backward = threaded_backward
 
     def resolved_num_threads(self) -> int:
         """Threads used by the next CPU call."""
@@ -71,6 +124,15 @@ class ThreadedROIPooler(ROIPooler):
         # Autograd must see the ordinary op graph; worker threads would also lose grad mode.
         return not (torch.is_grad_enabled() and any(level.requires_grad for level in x))
 
+    def _use_threads_with_grad(self, x: Sequence[torch.Tensor], num_rois: int) -> bool:
+        if not self.threaded_backward or self.resolved_num_threads() <= 1 or num_rois < 2:
+            return False
+        if x[0].device.type != "cpu" or self.level_poolers[0].__class__.__name__ != "ROIAlign":
+            return False
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        return torch.is_grad_enabled() and any(level.requires_grad for level in x)
+
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """
         Args:
@@ -81,6 +143,8 @@ class ThreadedROIPooler(ROIPooler):
             (M, D, R, R) pooled features, image-major, identical to ``ROIPooler.forward``.
         """
         num_rois = sum(len(boxes) for boxes in box_lists)
+        if self._use_threads_with_grad(x, num_rois):
+            return self._forward_with_grad(x, box_lists)
         if not self._use_threads(x, num_rois):
             return super().forward(x, box_lists)
         pooler_boxes = convert_boxes_to_pooler_format(box_lists)  # (M, 5) image index + xyxy
@@ -118,8 +182,27 @@ class ThreadedROIPooler(ROIPooler):
                     pooled = self.level_poolers[level](x[level], pooler_boxes[rows])
                     output.index_put_((rows,), pooled)
 
-        futures = [_shared_executor(num_parts - 1).submit(pool_part, p) for p in parts[1:]]
-        pool_part(parts[0])  # the calling thread takes a share instead of idling
-        for future in futures:
-            future.result()
+        _run_parts(pool_part, parts)  # the calling thread takes a share instead of idling
+        return output
+
+    def _forward_with_grad(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
+        """Training: ``ROIPooler.forward``'s computation, each level's RoIAlign (and, above all,
+        its backward, ~6x the forward and single-threaded in torchvision) split over threads."""
+        pooler_boxes = convert_boxes_to_pooler_format(box_lists)  # (M, 5)
+        if len(self.level_poolers) == 1:
+            levels = torch.zeros(len(pooler_boxes), dtype=torch.long)
+        else:
+            levels = assign_boxes_to_levels(
+                box_lists, self.min_level, self.max_level,
+                self.canonical_box_size, self.canonical_level,
+            )  # fmt: skip
+        output = x[0].new_zeros((len(pooler_boxes), x[0].shape[1]) + tuple(self.output_size))
+        for level, pooler in enumerate(self.level_poolers):
+            rows = torch.nonzero(levels == level).squeeze(1)
+            pooled = _ThreadedRoIAlign.apply(
+                x[level], pooler_boxes[rows].to(x[level].dtype), pooler.spatial_scale,
+                tuple(self.output_size), pooler.sampling_ratio, pooler.aligned,
+                max(1, min(self.resolved_num_threads(), rows.numel())),
+            )  # fmt: skip
+            output = output.index_put((rows,), pooled)
         return output
