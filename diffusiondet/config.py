@@ -9,7 +9,7 @@ from detectron2.config import CfgNode as CN
 
 from .diffusion import PADDING_STRATEGIES
 from .backbone_config import add_backbone_config, backbone_config_errors
-from .options import ENSEMBLE_MODES, INFERENCE_AMP_DTYPES, SAMPLER_UPDATES
+from .options import ENSEMBLE_MODES, INFERENCE_AMP_DTYPES, SAMPLER_UPDATES, SAMPLING_MODES
 
 
 def add_diffusiondet_config(cfg):
@@ -47,6 +47,8 @@ def add_diffusiondet_config(cfg):
     d.DIM_DYNAMIC = 64
     # Proposals per chunk in DynamicConv (bounds the generated parameters in memory); 0 = automatic.
     d.DYNAMIC_CHUNK_SIZE = 0
+    # GPU inference with DYNAMIC_CHUNK_SIZE 0: MiB of generated parameters per chunk; 0 = unchunked.
+    d.DYNAMIC_MEMORY_BUDGET_MB = 512
     # Box-delta clamp for width/height (official: ln(100000 / 16)).
     d.BBOX_SCALE_CLAMP = 8.740336742730447
 
@@ -167,6 +169,15 @@ def add_diffusiondet_config(cfg):
     # Skip the model call whose predictions nothing uses (the last one with ENSEMBLE "official"
     # and SAMPLE_STEP > 1): same detections, 1/SAMPLE_STEP less head time. False = official calls.
     d.SKIP_UNUSED_CALLS = True
+    # "parity" (official draw order, renewal by compaction) or "graph" (renewal by masking with
+    # N fixed, fixed-shape RoI pooling, one batched NMS: no host syncs inside the sampling loop).
+    d.SAMPLING_MODE = "parity"
+    # With SAMPLING_MODE "graph": torch.compile(fullgraph=True) each sampling step (head, renewal,
+    # DDIM update), captured as a CUDA graph per (batch, boxes) on GPUs.
+    d.COMPILE_SAMPLING_STEP = False
+    # Allow TF32 matmuls on GPUs (torch.backends.cuda.matmul.allow_tf32, set when the model is
+    # built on CUDA). False keeps PyTorch's default: fp32 matmuls (cuDNN convolutions may use TF32).
+    d.ALLOW_TF32 = False
 
 
 def validate_diffusiondet_config(cfg):
@@ -190,6 +201,15 @@ def validate_diffusiondet_config(cfg):
             f"MODEL.DiffusionDet.PADDING must be one of {PADDING_STRATEGIES}, got {d.PADDING!r}",
         ),
         (d.ENSEMBLE in ENSEMBLE_MODES, f"MODEL.DiffusionDet.ENSEMBLE must be one of {ENSEMBLE_MODES}, got {d.ENSEMBLE!r}"),
+        (
+            d.SAMPLING_MODE in SAMPLING_MODES,
+            f"MODEL.DiffusionDet.SAMPLING_MODE must be one of {SAMPLING_MODES}, got {d.SAMPLING_MODE!r}",
+        ),
+        (
+            not d.COMPILE_SAMPLING_STEP or d.SAMPLING_MODE == "graph",
+            "MODEL.DiffusionDet.COMPILE_SAMPLING_STEP needs SAMPLING_MODE 'graph' (the parity mode"
+            " has data-dependent shapes)",
+        ),
         (
             d.SAMPLER_UPDATE in SAMPLER_UPDATES,
             f"MODEL.DiffusionDet.SAMPLER_UPDATE must be one of {SAMPLER_UPDATES}, got {d.SAMPLER_UPDATE!r}",
@@ -229,6 +249,10 @@ def validate_diffusiondet_config(cfg):
             d.INFERENCE_AMP in INFERENCE_AMP_DTYPES,
             f"MODEL.DiffusionDet.INFERENCE_AMP must be one of {sorted(INFERENCE_AMP_DTYPES)},"
             f" got {d.INFERENCE_AMP!r}",
+        ),
+        (
+            d.DYNAMIC_MEMORY_BUDGET_MB >= 0,
+            f"MODEL.DiffusionDet.DYNAMIC_MEMORY_BUDGET_MB must be >= 0, got {d.DYNAMIC_MEMORY_BUDGET_MB}",
         ),
         (
             d.POOLER_THREADS >= 0,

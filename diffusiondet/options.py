@@ -14,3 +14,8 @@ ENSEMBLE_MODES = ("official", "all_steps")
 # How the sampler moves kept boxes between steps: "ddim" (official DDIM update) or "x0" (the
 # predicted boxes themselves, paper Table 4c "without DDIM").
 SAMPLER_UPDATES = ("ddim", "x0")
+
+# How inference samples: "parity" replays the official draw order (renewal compacts the kept
+# boxes, data-dependent shapes); "graph" renews by masking with N fixed and batches the final
+# NMS, so a step has no host syncs and compiles as one graph (see GraphBoxSampler).
+SAMPLING_MODES = ("parity", "graph")

@@ -96,6 +96,23 @@ def chunk_calls(cfg):
     )[0]
 
 
+def off_cpu_chunks(cfg, num_props=1100):
+    """Chunks of a no-grad DynamicConv call on 1100 proposals, the off-CPU (GPU) rule forced:
+    its norm1 runs once per chunk (D=32, DD=8: 2 KiB of fp32 parameters per proposal)."""
+    torch.manual_seed(0)
+    shapes = [ShapeSpec(channels=cfg.MODEL.FPN.OUT_CHANNELS, stride=s) for s in STRIDES]
+    conv = build_head(cfg, shapes).head_series[0].inst_interact
+    rule = conv.resolved_chunk_size
+    conv.resolved_chunk_size = lambda m, dtype, grad, on_cpu=True: rule(m, dtype, grad, False)
+    d, num_bins = conv.hidden_dim, conv.out_layer.in_features // conv.hidden_dim
+    pro, roi = torch.randn(num_props, d), torch.randn(num_props, num_bins, d)
+    calls = []
+    conv.norm1.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        conv(pro, roi)
+    return len(calls)
+
+
 def pooler_parts(cfg):
     """Parts pooled in parallel: RoIAlign calls of the busiest level when pooling the 20 boxes."""
     calls = count_calls(
@@ -158,6 +175,8 @@ HEAD_ROWS = [
         [((512, 32), LOGITS), ((256, 32), LOGITS)]),
     Row("DYNAMIC_CHUNK_SIZE", "chunks per DynamicConv call (20 boxes)", [0, 7, 1],
         chunk_calls, [1, 3, 20]),
+    Row("DYNAMIC_MEMORY_BUDGET_MB", "off-CPU chunks per DynamicConv call (1100 boxes)",
+        [512, 1, 0, -1], off_cpu_chunks, [1, 3, 1, "ValueError"]),
     Row("BBOX_SCALE_CLAMP", "max predicted/input width <= exp(clamp)",
         [8.740336742730447, -1.0, 0.0], width_ratio_max, clamp_bound),
     Row("PRIOR_PROB", "initial logits minus logit(prior)", [0.01, 0.2, 0.5],
@@ -268,6 +287,24 @@ def draw_shapes(cfg):
     return run_model(cfg).rng.draws
 
 
+def compile_step_calls(cfg):
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:  # compiling a real step is too slow for CI
+        mp.setattr(torch, "compile", lambda fn, **kwargs: calls.append(fn.__name__) or fn)
+        run_model(cfg)
+    return calls
+
+
+def tf32_flag_after_build(cfg):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        run_model(cfg)
+        return torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 STEP2, STEP3 = ["MODEL.DiffusionDet.SAMPLE_STEP", 2], ["MODEL.DiffusionDet.SAMPLE_STEP", 3]
 NO_NMS = ["MODEL.DiffusionDet.USE_NMS", False]
 ONE_CLASS = ["MODEL.DiffusionDet.NUM_CLASSES", 1]  # boxes of one class overlap: NMS bites
@@ -305,6 +342,17 @@ SAMPLER_ROWS = [
         [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]),
     Row("COMPILE_HEAD", "Module.compile calls (patched: compiling is too slow in CI)",
         [False, True], compile_calls, [[], ["RefinementStage", "RefinementStage"]]),
+    Row("SAMPLING_MODE", "draws (x_T, DDIM noise, refill; all scores < 0.5)", ["parity", "graph"],
+        draw_shapes,
+        [[X_T, ("randn", (0, 4)), ("randn", (N, 4))],
+         [("randn", (1, N, 4)), ("randn", (1, N, 4)), ("randn", (1, N, 4))]],
+        base=STEP2),
+    Row("COMPILE_SAMPLING_STEP", "torch.compile calls (patched)", [False, True],
+        compile_step_calls, [[], ["step"]], base=["MODEL.DiffusionDet.SAMPLING_MODE", "graph"]),
+    Row("COMPILE_SAMPLING_STEP", "rejected in parity mode (data-dependent shapes)", [False, True],
+        compile_step_calls, [[], "ValueError"], base=["MODEL.DiffusionDet.SAMPLING_MODE", "parity"]),
+    Row("ALLOW_TF32", "torch.backends.cuda.matmul.allow_tf32 after build", [False, True],
+        tf32_flag_after_build, [False, True]),
     Row("SNR_SCALE", "inference: head input == signal_to_boxes(x_T, scale)", [2.0, 3.0],
         first_call_boxes, snr_check),
 ]

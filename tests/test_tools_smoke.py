@@ -138,6 +138,26 @@ def test_benchmark_prints_finite_positive_ratios():
     assert math.isfinite(iterations_per_s) and iterations_per_s > 0
 
 
+def test_benchmark_graph_and_tf32_rows():
+    # --graph: the graph sampling mode eager and compiled (aot_eager here: inductor's C++ build
+    # takes minutes on CPU); --tf32 is a no-op on CPU but must still produce its rows.
+    stdout = _run(
+        "benchmark.py", "--quick", "--config-file", CONFIG, "--image-size", 96, "--train-iters", 0,
+        "--batches", "1,2", "--amp", "", "--cases", "4@300", "--graph", "--graph-backend",
+        "aot_eager", "--tf32", *TINY, cwd=REPO,
+    )  # fmt: skip
+    rows = _markdown_rows(stdout, "| mode | steps |")
+    assert [(r["mode"], r["batch"]) for r in rows] == [
+        (mode, b) for mode in ("fast", "fast+tf32", "graph", "graph+compile") for b in ("1", "2")
+    ]
+    for r in rows:
+        assert math.isfinite(float(r["img/s fast"])) and float(r["img/s fast"]) > 0, r
+        # Graph mode renews by masking (other draws than the reference): the detections differ,
+        # but most of the reference's best ones are found again.
+        assert int(r["same top-100"].rstrip("%")) >= (50 if r["mode"].startswith("fast") else 20), r
+    assert math.isnan(float(next(r for r in rows if r["mode"] == "graph+compile")["head img/s fast"]))
+
+
 def test_diffusioninst_main_job_on_coco_json_prints_mask_ap(tmp_path):
     # The DiffusionInst main job on an own COCO json with polygon masks (--coco-json: the same
     # images for training and evaluation, no synthetic set generated): box and mask AP rows.

@@ -24,7 +24,7 @@ import copy
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from math import nan
 
 import torch
 
@@ -34,7 +34,10 @@ from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from diffusiondet.diffusion import TorchRandom
 from diffusiondet.engine import build_optimizer
 from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
+from diffusiondet.modeling.builders import sampler_kwargs
+from diffusiondet.modeling.graph_sampler import GraphBoxSampler
 from diffusiondet.utils import roofline
+from diffusiondet.utils.bench_timing import HeadTimer, PeakMemory
 from diffusiondet.utils.cpu_info import describe_cpu
 
 FULL_CASES = ((1, 300), (4, 300), (1, 1000), (4, 1000), (4, 2000))
@@ -59,6 +62,12 @@ def parse_args():
         help="also time INFERENCE_AMP at batch 1 ('' = no AMP rows)",
     )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also time COMPILE_HEAD at batch 1")
+    parser.add_argument("--tf32", action="store_true", help="also time TF32 matmuls (CUDA) at every batch")
+    parser.add_argument(
+        "--graph", action="store_true",
+        help="also time SAMPLING_MODE graph, eager and with COMPILE_SAMPLING_STEP, at every batch",
+    )  # fmt: skip
+    parser.add_argument("--graph-backend", default="inductor", help="torch.compile backend of --graph")
     parser.add_argument("--train-iters", type=int, default=1, help="timed training iterations")
     parser.add_argument(
         "--quick", action="store_true",
@@ -70,58 +79,6 @@ def parse_args():
                         help="with --chunk-sweep: run as an AVX2-only machine with one thread")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args()
-
-
-class PeakMemory:
-    """Peak memory of a code block: CUDA allocator peak, or the process's peak RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    @staticmethod
-    def _status_mb(field: str) -> float:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
-
-    @contextmanager
-    def measure(self, result: dict):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            try:  # Linux: "5" resets the peak RSS (VmHWM) of this process
-                with open("/proc/self/clear_refs", "w") as clear:
-                    clear.write("5")
-                base = self._status_mb("VmRSS")
-            except OSError:
-                base = None
-        yield
-        if self.cuda:
-            result["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            result["peak_mb"] = float("nan") if base is None else self._status_mb("VmHWM") - base
-
-
-class HeadTimer:
-    """Wall time spent inside the attached heads' forward (hooks; synchronises CUDA)."""
-
-    def __init__(self, device: torch.device):
-        self.total, self._start, self.device = 0.0, 0.0, device
-
-    def attach(self, head: torch.nn.Module) -> None:
-        head.register_forward_pre_hook(lambda *_: self._tick(start=True))
-        head.register_forward_hook(lambda *_: self._tick(start=False))
-
-    def _tick(self, start: bool):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        if start:
-            self._start = time.perf_counter()
-        else:
-            self.total += time.perf_counter() - self._start
 
 
 def set_path(model, reference: bool, amp: str = "") -> None:
@@ -183,8 +140,9 @@ def shared_fraction(a: Instances, b: Instances, top: int = 100, min_iou: float =
     return ((iou >= min_iou) & same_class).any(dim=1).float().mean().item()
 
 
-def benchmark_inference(model, compiled, args, cases, batches, head_timer, memory):
-    """One row per (mode, steps, boxes, batch); the reference runs once per (steps, boxes)."""
+def benchmark_inference(model, compiled, graph_models, args, cases, batches, head_timer, memory):
+    """One row per (mode, steps, boxes, batch); the reference runs once per (steps, boxes).
+    ``graph_models``: mode name -> a copy of the model with the graph sampler."""
     rows = []
     images = random_images(max(batches), args.image_size)
     for steps, boxes in cases:
@@ -198,18 +156,26 @@ def benchmark_inference(model, compiled, args, cases, batches, head_timer, memor
         reference = ref_out[0]["instances"]
         modes = [("fast", b, "") for b in batches]
         modes += [(f"fast+{args.amp}", 1, args.amp)] if args.amp else []
+        modes += [("fast+tf32", b, "tf32") for b in batches] if args.tf32 else []
         modes += [("fast+compile", 1, "compile")] if compiled is not None else []
+        for name, graph_model in graph_models.items():
+            graph_model.sampler.steps, graph_model.eval_num_proposals = steps, boxes
+            modes += [(name, b, name) for b in batches]
         for mode, batch, amp in modes:
-            run_model = compiled if amp == "compile" else model
-            set_path(run_model, reference=False, amp="" if amp == "compile" else amp)
+            run_model = {"compile": compiled, **graph_models}.get(amp, model)
+            set_path(run_model, reference=False, amp=amp if amp in ("bf16", "fp16") else "")
+            tf32 = torch.backends.cuda.matmul.allow_tf32  # ALLOW_TF32's switch
+            torch.backends.cuda.matmul.allow_tf32 = tf32 or amp == "tf32"
             wall, head, mem, out = timed_inference(
-                run_model, images[:batch], head_timer, memory, args.repeats, amp == "compile"
-            )
+                run_model, images[:batch], head_timer, memory, args.repeats,
+                warmup=amp in ("compile", "graph+compile"),
+            )  # fmt: skip
+            torch.backends.cuda.matmul.allow_tf32 = tf32
             fast = out[0]["instances"]
             dbox, dscore = detection_difference(fast, reference)
             rows.append(dict(
                 mode=mode, steps=steps, boxes=boxes, batch=batch, dbox=dbox, dscore=dscore,
-                ips=batch / wall, ref_ips=1 / ref_wall, head_ips=batch / head,
+                ips=batch / wall, ref_ips=1 / ref_wall, head_ips=batch / head if head else nan,
                 ref_head_ips=1 / ref_head, shared=shared_fraction(fast, reference),
                 mem=mem, ref_mem=ref_mem,
             ))  # fmt: skip
@@ -299,8 +265,15 @@ def main():
         compiled = copy.deepcopy(model)
         for stage in compiled.head.head_series:
             stage.compile(dynamic=True)
+    graph_models = {}
+    if args.graph:  # copies made before the timing hooks: a fullgraph step cannot call them
+        for name, compile_step in (("graph", False), ("graph+compile", True)):
+            graph_models[name] = copy.deepcopy(model)
+            graph_models[name].sampler = GraphBoxSampler(
+                compile_step=compile_step, compile_backend=args.graph_backend, **sampler_kwargs(cfg)
+            )
     head_timer = HeadTimer(model.device)
-    for m in (model, compiled):
+    for m in (model, compiled, graph_models.get("graph")):
         if m is not None:
             head_timer.attach(m.head)
     memory = PeakMemory(model.device)
@@ -312,7 +285,9 @@ def main():
         images, _ = model.preprocess_image(random_images(1, args.image_size))
         backbone_s = roofline.timed(lambda: model.extract_features(images), model.device, 1)[0]
 
-    rows = benchmark_inference(model, compiled, args, cases, batches, head_timer, memory)
+    rows = benchmark_inference(
+        model, compiled, graph_models, args, cases, batches, head_timer, memory
+    )
     train_ips = benchmark_training(cfg, model, args) if args.train_iters > 0 else None
     print_table(rows, args, backbone_s, train_ips, model)
 

@@ -3,13 +3,14 @@
 #   1. refuse to run without CUDA (exit 2, "device_check: no CUDA device" on stderr): a GPU
 #      check that fell back to the CPU would report results it never measured;
 #   2. the device-capable tests (tests/device.py's DIFFDET_TEST_DEVICE=cuda);
-#   3. tools/benchmark.py on CUDA at 1@300 and 4@500: fp32 at batch 1 and 8, bf16 autocast and
-#      torch.compile at batch 1, images/s and max detection difference from the fp32 reference;
-#      then the roofline (time against the fp32 GEMM peak);
+#   3. tools/benchmark.py on CUDA at 1@300 and 4@500: fp32, TF32 and bf16 autocast at batch 1
+#      and 8, the graph sampling mode eager and compiled (one CUDA graph per step), images/s and
+#      max detection difference from the fp32 reference; then the roofline (time against the
+#      fp32 GEMM peak) and, with the budget left, COMPILE_HEAD at batch 1;
 #   4. everything logged to $OUT/device_check.log (the GPU runner returns $OUT), else to
 #      output/device_check/.
 # Device time is scarce and billed from the machine's start, so each step has its own timeout
-# within one overall budget (DEVICE_CHECK_BUDGET_S, default 420 s), a hung step cannot take the
+# within one overall budget (DEVICE_CHECK_BUDGET_S, default 450 s), a hung step cannot take the
 # others' time, and every step runs even when an earlier one failed. Exit 1 if any step failed.
 #
 #   bash tools/device_check.sh                  # PYTHON=... to choose the interpreter
@@ -24,7 +25,7 @@ LOG_DIR="${OUT:-output/device_check}"
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/device_check.log"
 : >"$LOG"
-BUDGET_S="${DEVICE_CHECK_BUDGET_S:-420}"
+BUDGET_S="${DEVICE_CHECK_BUDGET_S:-450}"
 FAILED=()
 
 log() { echo "$*" | tee -a "$LOG"; }
@@ -64,14 +65,15 @@ timeout 20 nvidia-smi >>"$LOG" 2>&1 || log "nvidia-smi: not available"
 step environment 30 "$PYTHON" -c "$ENV_PROBE"
 step tests 120 env DIFFDET_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider \
     tests/test_device_check.py tests/test_roofline.py
-step benchmark 150 "$PYTHON" tools/benchmark.py "${CASES[@]}" --batches 1,8 --amp bf16 \
+step benchmark 120 "$PYTHON" tools/benchmark.py "${CASES[@]}" --batches 1,8 --amp bf16 --tf32 \
     --repeats 3 --train-iters 2
-step roofline 60 "$PYTHON" tools/benchmark.py --roofline "${CASES[@]}" --batches 1,8
-# The head's RoI pooling splits boxes by level with data-dependent sizes, so one captured graph
-# would not fit the next call; a graph mode is out of this check's scope.
-log "CUDA graphs: not applicable (dynamic shapes)"
+# SAMPLING_MODE graph: eager, then each step compiled with fullgraph=True and captured as a CUDA
+# graph per (batch, boxes) (mode "reduce-overhead"); 4 compilations, hence the longer limit.
+step graph 200 "$PYTHON" tools/benchmark.py --graph "${CASES[@]}" --batches 1,8 --amp "" \
+    --repeats 3 --train-iters 0
+step roofline 45 "$PYTHON" tools/benchmark.py --roofline "${CASES[@]}" --batches 1,8
 # Last: compilation takes the rest of the budget, and may be unsupported (no Triton / compiler).
-step compile 240 "$PYTHON" tools/benchmark.py --compile "${CASES[@]}" --batches 1 --amp "" \
+step compile 120 "$PYTHON" tools/benchmark.py --compile "${CASES[@]}" --batches 1 --amp "" \
     --train-iters 0
 
 if ((${#FAILED[@]})); then

@@ -10,7 +10,7 @@ from .box_signal import (
 from .corruption import PADDING_STRATEGIES, CorruptedBoxes, corrupt_boxes, pad_boxes
 from .ddim import ddim_coefficients, ddim_step, ddim_time_pairs, predict_noise_from_start
 from .random_source import RandomSource, ReplayRandom, TorchRandom
-from .renewal import compact_kept_first, renew_and_step
+from .renewal import compact_kept_first, masked_renew_and_step, renew_and_step
 from .schedule import (
     DIFFUSION_BUFFER_NAMES,
     cosine_beta_schedule,
@@ -40,6 +40,7 @@ __all__ = [
     "pad_boxes",
     "predict_noise_from_start",
     "q_sample",
+    "masked_renew_and_step",
     "renew_and_step",
     "signal_to_boxes",
     "signal_to_normalized_cxcywh",

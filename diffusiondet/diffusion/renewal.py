@@ -1,4 +1,4 @@
-"""Box renewal + DDIM step, per image and batched (spec 6.3b-d).
+"""Box renewal + DDIM step, per image and batched (spec 6.3b-d), compacting or masked.
 
 Shape legend: B images, N proposals. Box tensors are in signal space.
 
@@ -101,3 +101,52 @@ def renew_and_step(
     slot = torch.arange(num_proposals, device=x0.device)
     is_kept_slot = (slot[None, :] < num_kept[:, None]).unsqueeze(-1)  # (B, N, 1)
     return torch.where(is_kept_slot, stepped, noise)
+
+
+def masked_renew_and_step(
+    x0: Tensor,
+    eps: Tensor,
+    scores: Tensor,
+    threshold: float,
+    coefficients: Tuple[Scalar, Scalar, Scalar],
+    ddim_noise: Tensor,
+    refill: Tensor,
+    renew: bool = True,
+    update: str = "ddim",
+) -> Tensor:
+    """Box renewal with N fixed: ``where(keep, DDIM step of x̂_0, fresh noise)``, slot by slot.
+
+    The graph-friendly counterpart of :func:`renew_and_step`: no compaction, no per-image sizes,
+    no host synchronisation, so it can be captured in one graph. The head treats proposals as an
+    unordered set, so leaving a renewed box in its slot instead of moving it to the back changes
+    nothing but the draw layout: every slot gets a DDIM noise and a refill draw, used or not.
+    When every proposal is kept, ``ddim_noise`` plays the role of :func:`renew_and_step`'s first
+    draw and both functions agree.
+
+    Args:
+        x0: (B, N, 4) x̂_0 in signal space (clamped).
+        eps: (B, N, 4) ε̂.
+        scores: (B, N) confidence of each proposal.
+        threshold: renewal threshold; strict ``>`` keeps.
+        coefficients: (√ᾱ_next, c, σ) of :func:`ddim_coefficients`, floats or 0-dim tensors (a
+            compiled step then does not specialise on their values).
+        ddim_noise: (B, N, 4) standard normal, the DDIM noise of each slot.
+        refill: (B, N, 4) standard normal, the fresh box of each renewed slot.
+        renew: False keeps every proposal.
+        update: one of ``STEP_UPDATES``.
+
+    Returns:
+        (B, N, 4) next sample in ``x0``' dtype.
+    """
+    if update not in STEP_UPDATES:
+        raise ValueError(f"update must be one of {STEP_UPDATES}, got {update!r}")
+    if update == "ddim":
+        sqrt_alpha_next, direction_coef, sigma = coefficients
+        stepped = sqrt_alpha_next * x0 + direction_coef * eps + sigma * ddim_noise.to(x0)
+        stepped = stepped.to(x0.dtype)
+    else:
+        stepped = x0
+    if not renew:
+        return stepped
+    keep = (scores > threshold).unsqueeze(-1)  # (B, N, 1)
+    return torch.where(keep, stepped, refill.to(x0))

@@ -17,6 +17,7 @@ from detectron2.layers import ShapeSpec
 from .criterion import SetCriterion
 from .head import DynamicHead
 from .matcher import DynamicKMatcher
+from .graph_sampler import GraphBoxSampler
 from .sampler import DDIMBoxSampler
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def head_kwargs(cfg, input_shapes: List[ShapeSpec]) -> Dict[str, Any]:
         deep_supervision=d.DEEP_SUPERVISION,
         scale_clamp=d.BBOX_SCALE_CLAMP,
         dynamic_chunk_size=d.DYNAMIC_CHUNK_SIZE,
+        dynamic_memory_budget_mb=d.DYNAMIC_MEMORY_BUDGET_MB,
         pooler_threads=d.POOLER_THREADS,
     )
 
@@ -132,4 +134,7 @@ def sampler_kwargs(cfg) -> Dict[str, Any]:
 
 
 def build_sampler(cfg) -> DDIMBoxSampler:
+    d = cfg.MODEL.DiffusionDet
+    if d.SAMPLING_MODE == "graph":
+        return GraphBoxSampler(compile_step=d.COMPILE_SAMPLING_STEP, **sampler_kwargs(cfg))
     return DDIMBoxSampler(**sampler_kwargs(cfg))

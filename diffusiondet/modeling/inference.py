@@ -104,18 +104,24 @@ class DiffusionInference:
             # Scores, renewal and NMS stay in fp32: bf16 logits would tie many scores.
             return {k: _to_fp32(v) for k, v in out.items()}
 
-        candidates = self.sampler.sample_candidates(
-            denoise_fn,
-            self.alphas_cumprod,
-            whwh,
-            self.eval_num_proposals,
-            rng=rng,
-            per_image_rng=per_image_rng,
-        )
+        # The graph sampler needs the fixed-shape pooler; training keeps detectron2's.
+        self.head.use_fixed_shape_pooling(self.sampler.fixed_shape_pooling)
+        try:
+            candidates = self.sampler.sample_candidates(
+                denoise_fn,
+                self.alphas_cumprod,
+                whwh,
+                self.eval_num_proposals,
+                rng=rng,
+                per_image_rng=per_image_rng,
+            )
+        finally:
+            self.head.use_fixed_shape_pooling(False)
+        detections = self.sampler.select_batch(candidates)  # one batched NMS in graph mode
         contexts = self.image_contexts(batched_inputs, images, features)
         return [
-            {"instances": self.postprocess(image_candidates, ctx, do_postprocess)}
-            for image_candidates, ctx in zip(candidates, contexts)
+            {"instances": self.postprocess_detections(det, ctx, do_postprocess)}
+            for det, ctx in zip(detections, contexts)
         ]
 
     def image_contexts(
@@ -150,7 +156,14 @@ class DiffusionInference:
         :meth:`resize_instances` to ``ctx.output_size``, and :meth:`finish_instances` in the
         final frame (``ctx.output_size``, or ``ctx.image_size`` without ``do_postprocess``).
         """
-        det = self.sampler.select_detections(candidates)
+        return self.postprocess_detections(
+            self.sampler.select_detections(candidates), ctx, do_postprocess
+        )
+
+    def postprocess_detections(
+        self, det: Dict[str, torch.Tensor], ctx: ImageContext, do_postprocess: bool = True
+    ) -> Instances:
+        """One image's selected detections (after NMS and the cap) -> its final Instances."""
         inst = self.build_instances(det, ctx)
         if not do_postprocess:
             return self.finish_instances(inst, ctx, ctx.image_size)

@@ -122,6 +122,9 @@ class DiffusionDet(DiffusionInference, nn.Module):
         shapes = backbone.output_shape()
         d = cfg.MODEL.DiffusionDet
         head = cls.build_head(cfg, [shapes[f] for f in in_features])
+        if d.ALLOW_TF32:
+            # Process-wide, like detectron2 users set it; it only affects CUDA matmuls.
+            torch.backends.cuda.matmul.allow_tf32 = True
         return {
             "backbone": backbone,
             "head": head,

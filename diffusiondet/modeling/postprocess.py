@@ -24,6 +24,18 @@ def topk_candidates(
     num_keep: int,
     use_focal: bool,
 ) -> List[CandidateDict]:
+    """:func:`topk_candidate_fields`, split into B candidate dicts (one per image)."""
+    fields = topk_candidate_fields(logits, boxes, extras, num_keep, use_focal)
+    return [{name: value[b] for name, value in fields.items()} for b in range(logits.shape[0])]
+
+
+def topk_candidate_fields(
+    logits: Tensor,
+    boxes: Tensor,
+    extras: Dict[str, Tensor],
+    num_keep: int,
+    use_focal: bool,
+) -> CandidateDict:
     """Select the best (proposal, class) pairs of every image.
 
     Sigmoid (focal / federated) path: scores = sigmoid(logits) flattened over N·K, top-``num_keep``
@@ -39,8 +51,8 @@ def topk_candidates(
         use_focal: sigmoid path if True, softmax path otherwise.
 
     Returns:
-        B candidate dicts with M = min(num_keep, N·K) (sigmoid) or min(num_keep, N) (softmax)
-        rows, sorted by score descending.
+        one candidate dict of (B, M, ...) fields with M = min(num_keep, N·K) (sigmoid) or
+        min(num_keep, N) (softmax), each image's rows sorted by score descending.
     """
     batch, num_proposals, num_logits = logits.shape
     if use_focal:
@@ -57,7 +69,7 @@ def topk_candidates(
     fields = {"boxes": boxes[image_index, proposal], "scores": scores, "classes": classes}
     for name, value in extras.items():
         fields[name] = value[image_index, proposal]  # (B, M, ...)
-    return [{name: value[b] for name, value in fields.items()} for b in range(batch)]
+    return fields
 
 
 def merge_candidates(candidates: Sequence[CandidateDict]) -> CandidateDict:

@@ -145,7 +145,7 @@ class DDIMBoxSampler:
         candidates = self.sample_candidates(
             denoise_fn, alphas_cumprod, image_whwh, num_boxes, rng, per_image_rng
         )
-        return [self.select_detections(image_candidates) for image_candidates in candidates]
+        return self.select_batch(candidates)
 
     def sample_candidates(
         self,
@@ -224,6 +224,13 @@ class DDIMBoxSampler:
                 update=self.update,
             )
         return [[call[b] for call in per_call_candidates] for b in range(batch)]
+
+    # The parity sampler pools with detectron2's ROIPooler; GraphBoxSampler needs fixed shapes.
+    fixed_shape_pooling = False
+
+    def select_batch(self, candidates: List[List[Dict[str, Tensor]]]) -> List[Dict[str, Tensor]]:
+        """:meth:`select_detections` for every image of :meth:`sample_candidates`' output."""
+        return [self.select_detections(image_candidates) for image_candidates in candidates]
 
     def select_detections(self, candidates: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """Merge one image's per-call candidates, then class-aware NMS and the detection cap.

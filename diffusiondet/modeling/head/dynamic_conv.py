@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DynamicConv", "auto_chunk_bytes", "last_level_cache_bytes"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_BYTES", "DynamicConv", "auto_chunk_bytes", "last_level_cache_bytes"
+]
 
 # Most bytes of generated parameters one chunk holds at inference. Per proposal the dynamic layer
 # produces 2·D·DD values (128 KB at D=256, DD=64; 62.5 MB for 500 boxes). Smaller chunks re-read
@@ -22,9 +24,16 @@ __all__ = ["DynamicConv", "auto_chunk_bytes", "last_level_cache_bytes"]
 _MAX_CHUNK_BYTES = 16 << 20
 # Never below this, whatever the cache: tiny chunks re-read the generator weight too often.
 _MIN_CHUNK_BYTES = 4 << 20
+# Off-CPU (GPU) inference: most bytes of generated parameters per chunk. Unchunked, batch 8 ×
+# 2000 boxes generate 2.1 GB per stage; 512 MiB chunks are still 4096 proposals (fp32, R-50 sizes),
+# big enough GEMMs for a GPU.
+DEFAULT_MEMORY_BUDGET_BYTES = 512 << 20
 
 
+# A constant to torch.compile: the step of the graph sampler is traced with fullgraph=True, and
+# reading sysfs is not traceable.
 @functools.lru_cache(maxsize=1)
+@torch.compiler.assume_constant_result
 def last_level_cache_bytes() -> int:
     """Size of the CPU's largest cache (Linux sysfs), or 0 when it cannot be read."""
     sizes = []
@@ -70,6 +79,7 @@ class DynamicConv(nn.Module):
         pooler_resolution: int,
         num_dynamic: int = 2,
         chunk_size: int = 0,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     ):
         """
         Args:
@@ -79,15 +89,20 @@ class DynamicConv(nn.Module):
             num_dynamic: number of generated layers; only 2 exists in the official model.
             chunk_size: proposals processed together; 0 = automatic (see
                 :meth:`resolved_chunk_size`). Results do not depend on it (up to float rounding).
+            memory_budget_bytes: off-CPU inference with ``chunk_size`` 0: most bytes of generated
+                parameters per chunk; 0 = unchunked.
         """
         super().__init__()
         if num_dynamic != 2:
             raise ValueError(f"DynamicConv supports num_dynamic=2 only, got {num_dynamic}")
         if chunk_size < 0:
             raise ValueError(f"chunk_size must be >= 0 (0 = automatic), got {chunk_size}")
+        if memory_budget_bytes < 0:
+            raise ValueError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
         self.hidden_dim = hidden_dim
         self.dim_dynamic = dim_dynamic
         self.chunk_size = chunk_size
+        self.memory_budget_bytes = memory_budget_bytes
         self.num_params = hidden_dim * dim_dynamic  # values per generated layer
         self.dynamic_layer = nn.Linear(hidden_dim, num_dynamic * self.num_params)
         self.norm1 = nn.LayerNorm(dim_dynamic)
@@ -101,16 +116,22 @@ class DynamicConv(nn.Module):
         """Proposals per chunk.
 
         ``chunk_size`` if set. Otherwise all proposals at once when autograd will keep every
-        chunk's parameters anyway (chunking would only make the GEMMs skinnier) or off-CPU (a
-        GPU wants big batched GEMMs, not cache-sized ones); else as many as fit
-        :func:`auto_chunk_bytes` of generated parameters (sized from the CPU's caches).
+        chunk's parameters anyway (chunking would only make the GEMMs skinnier). On CPU, as many
+        as fit :func:`auto_chunk_bytes` of generated parameters (sized from the CPU's caches).
+        Off-CPU, as many as fit ``memory_budget_bytes`` (a GPU wants big batched GEMMs, not
+        cache-sized ones, but not 2 GB of parameters), at most ``num_props``; all at once if the
+        budget is 0. The budget counts the generated parameters, 2·D·DD values of ``dtype`` per
+        proposal; a chunk's (c, P, DD) and (c, P, D) intermediates add about P·(D + DD) / (2·D·DD)
+        of that (48 % at R-50 sizes).
         """
         if self.chunk_size > 0:
             return self.chunk_size
-        if needs_grad or not on_cpu:
+        if needs_grad or (not on_cpu and self.memory_budget_bytes == 0):
             return max(1, num_props)
         bytes_per_proposal = 2 * self.num_params * torch.finfo(dtype).bits // 8
-        return max(1, auto_chunk_bytes() // bytes_per_proposal)
+        if on_cpu:
+            return max(1, auto_chunk_bytes() // bytes_per_proposal)
+        return max(1, min(num_props, self.memory_budget_bytes // bytes_per_proposal))
 
     def forward(self, pro_features: torch.Tensor, roi_features: torch.Tensor) -> torch.Tensor:
         """

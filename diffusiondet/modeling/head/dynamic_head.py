@@ -6,6 +6,7 @@ D = hidden_dim, L feature levels (p2..p5 by default).
 Boxes are abs xyxy (absolute pixel x1y1x2y2 in the un-padded input image frame).
 """
 import copy
+import functools
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
 
@@ -14,6 +15,7 @@ from detectron2.structures import Boxes
 from torch import nn
 
 from .refinement_stage import ACTIVATIONS, RefinementStage
+from .fixed_shape_pooler import FixedShapeROIPooler
 from .threaded_pooler import ThreadedROIPooler
 from .time_embedding import build_time_mlp
 
@@ -56,6 +58,7 @@ class DynamicHead(nn.Module):
         bbox_weights: Sequence[float] = (2.0, 2.0, 1.0, 1.0),
         scale_clamp: float = math.log(100000.0 / 16),
         dynamic_chunk_size: int = 0,
+        dynamic_memory_budget_mb: int = 512,
         pooler_threads: int = 0,
         stage_class: Type[RefinementStage] = RefinementStage,
         stage_kwargs: Optional[Mapping[str, Any]] = None,
@@ -80,6 +83,8 @@ class DynamicHead(nn.Module):
             bbox_weights: (wx, wy, ww, wh) of detectron2's ``Box2BoxTransform``.
             scale_clamp: max dw/dh before exp (default ln(100000/16)).
             dynamic_chunk_size: proposals per DynamicConv chunk; 0 = automatic.
+            dynamic_memory_budget_mb: off-CPU, automatic chunks: most MiB of generated parameters
+                per DynamicConv chunk at inference; 0 = unchunked.
             pooler_threads: threads of the CPU inference RoI pooling (bit-identical output);
                 0 = ``torch.get_num_threads()``, 1 = detectron2's serial ``ROIPooler``.
             stage_class: the refinement stage, :class:`RefinementStage` or a subclass.
@@ -108,6 +113,10 @@ class DynamicHead(nn.Module):
             pooler_type=pooler_type,
             num_threads=pooler_threads,
         )
+        self.pooler_scales, self.sampling_ratio = tuple(pooler_scales), sampling_ratio
+        self.pooler_type = pooler_type
+        self.fixed_shape_pooler: Optional[FixedShapeROIPooler] = None
+        self.fixed_shape_pooling = False
         self.time_mlp = build_time_mlp(hidden_dim)
         stage = stage_class(
             num_logits=self.num_logits,
@@ -124,6 +133,7 @@ class DynamicHead(nn.Module):
             bbox_weights=bbox_weights,
             scale_clamp=scale_clamp,
             dynamic_chunk_size=dynamic_chunk_size,
+            dynamic_memory_budget_mb=dynamic_memory_budget_mb,
             **dict(stage_kwargs or {}),
         )
         xavier_init_matrices(self.time_mlp)
@@ -135,22 +145,49 @@ class DynamicHead(nn.Module):
         # Copies of one initialised stage: every stage starts identical (spec §3.3).
         self.head_series = nn.ModuleList(copy.deepcopy(stage) for _ in range(num_stages))
 
-    def set_speed_options(self, *, dynamic_chunk_size: int, pooler_threads: int) -> None:
+    def set_speed_options(
+        self,
+        *,
+        dynamic_chunk_size: int,
+        pooler_threads: int,
+        dynamic_memory_budget_mb: Optional[int] = None,
+    ) -> None:
         """Change the options that trade speed or memory only (outputs do not depend on them).
 
         Args:
             dynamic_chunk_size: proposals per DynamicConv chunk; 0 = automatic, a value >= B·N
                 gives the official unchunked layer.
             pooler_threads: CPU inference pooling threads; 0 = automatic, 1 = serial.
+            dynamic_memory_budget_mb: off-CPU automatic chunks' MiB of generated parameters
+                (0 = unchunked); None leaves it unchanged.
         """
         if dynamic_chunk_size < 0 or pooler_threads < 0:
             raise ValueError(
                 f"dynamic_chunk_size and pooler_threads must be >= 0, got {dynamic_chunk_size}"
                 f" and {pooler_threads}"
             )
+        budget = dynamic_memory_budget_mb
+        if budget is not None and budget < 0:
+            raise ValueError(f"dynamic_memory_budget_mb must be >= 0, got {budget}")
         for stage in self.head_series:
             stage.inst_interact.chunk_size = dynamic_chunk_size
+            if budget is not None:
+                stage.inst_interact.memory_budget_bytes = int(budget * (1 << 20))
         self.box_pooler.num_threads = pooler_threads
+
+    def use_fixed_shape_pooling(self, enabled: bool) -> None:
+        """Pool with :class:`FixedShapeROIPooler` (no data-dependent shapes, no host syncs; what
+        a fullgraph compile or a CUDA graph needs) instead of detectron2's pooler. Equal within
+        float rounding; the pooler is stateless, so checkpoints are unaffected. Built once, so a
+        compiled step keeps seeing the same module."""
+        if enabled and self.fixed_shape_pooler is None:
+            self.fixed_shape_pooler = FixedShapeROIPooler(
+                output_size=self.box_pooler.output_size,
+                scales=self.pooler_scales,
+                sampling_ratio=self.sampling_ratio,
+                pooler_type=self.pooler_type,
+            )
+        self.fixed_shape_pooling = enabled
 
     def pool(self, features: List[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """RoI-pool ``boxes`` (B, N, 4) abs xyxy from ``features`` (L × (B, D, H_l, W_l)).
@@ -171,7 +208,8 @@ class DynamicHead(nn.Module):
             features: L feature maps (p2..p5), each (B, D, H_l, W_l).
             init_boxes: (B, N, 4) abs xyxy noisy boxes, any float dtype (cast to the features'
                 dtype, but never below float32: coordinates reach ~1e3 and beyond).
-            t: (B,) diffusion timesteps (integers in [0, T)).
+            t: (B,) diffusion timesteps (integers in [0, T)), or (1,): one timestep shared by
+                all images (the graph-friendly sampler; no ``torch.unique``, no host sync).
 
         Returns:
             dict with stage-major per-proposal tensors (S, B, N, ...):
@@ -186,12 +224,20 @@ class DynamicHead(nn.Module):
         # One embedding per distinct timestep. At inference all images share t, and a GEMM over
         # B equal rows rounds differently from one over 1 row: this keeps a batch's outputs
         # bit-identical to each image's alone.
-        unique_t, time_index = torch.unique(t, return_inverse=True)  # (U,), (B,)
-        time_emb = self.time_mlp(unique_t)  # (U, 4D), shared by all stages
+        if t.shape[0] == 1:
+            time_emb, time_index = self.time_mlp(t), None  # (1, 4D), broadcast over images
+        else:
+            unique_t, time_index = torch.unique(t, return_inverse=True)  # (U,), (B,)
+            time_emb = self.time_mlp(unique_t)  # (U, 4D), shared by all stages
+        if self.fixed_shape_pooling:
+            packed = self.fixed_shape_pooler.pack(features)  # once per call, not per stage
+            pool = functools.partial(self.fixed_shape_pooler, packed)
+        else:
+            pool = functools.partial(self.pool, features)
         pro_features = None
         per_stage: List[Dict[str, torch.Tensor]] = []
         for stage in self.head_series:
-            roi_features = self.pool(features, boxes)  # (B·N, D, R, R)
+            roi_features = pool(boxes)  # (B·N, D, R, R)
             stage_out = stage(roi_features, boxes, pro_features, time_emb, time_index)
             pro_features = stage_out["obj_features"]
             if self.deep_supervision:
