@@ -12,6 +12,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
 
 from diffusiondet.diffusion import boxes_to_signal, signal_to_boxes
 from diffusiondet.modeling.builders import build_head
@@ -295,6 +296,24 @@ def compile_step_calls(cfg):
     return calls
 
 
+def folded_convolutions(cfg):
+    from diffusiondet.modeling.backbone.frozen_bn_folding import FoldedFrozenBNConv2d
+
+    model = build_model(cfg)
+    return sum(isinstance(m, FoldedFrozenBNConv2d) for m in model.backbone.modules())
+
+
+def fixed_pooler_calls(cfg):
+    from diffusiondet.modeling.head.fixed_shape_pooler import FixedShapeROIPooler
+
+    calls = []
+    original = FixedShapeROIPooler.forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FixedShapeROIPooler, "forward", lambda self, *a: calls.append(1) or original(self, *a))
+        run_model(cfg)
+    return len(calls)
+
+
 def tf32_flag_after_build(cfg):
     saved = torch.backends.cuda.matmul.allow_tf32
     try:
@@ -351,6 +370,12 @@ SAMPLER_ROWS = [
         compile_step_calls, [[], ["step"]], base=["MODEL.DiffusionDet.SAMPLING_MODE", "graph"]),
     Row("COMPILE_SAMPLING_STEP", "rejected in parity mode (data-dependent shapes)", [False, True],
         compile_step_calls, [[], "ValueError"], base=["MODEL.DiffusionDet.SAMPLING_MODE", "parity"]),
+    Row("FOLD_FROZEN_BN", "backbone convolutions folding their frozen BN (R-50)", [False, True],
+        folded_convolutions, [0, 53],
+        base=["MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256,
+              "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.STRIDE_IN_1X1", True]),
+    Row("FIXED_SHAPE_POOLING", "fixed-shape pooler calls at CPU inference (2 stages, 1 call)",
+        [False, True], fixed_pooler_calls, [0, 2]),
     Row("ALLOW_TF32", "torch.backends.cuda.matmul.allow_tf32 after build", [False, True],
         tf32_flag_after_build, [False, True]),
     Row("SNR_SCALE", "inference: head input == signal_to_boxes(x_T, scale)", [2.0, 3.0],

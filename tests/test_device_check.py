@@ -70,15 +70,16 @@ def test_steps_logs_and_exit_codes_with_a_stand_in_interpreter(tmp_path):
     rc, out, err, _ = _run_script(tmp_path, PYTHON=_fake_python(tmp_path))
     assert rc == 0, (out, err)
     log = (tmp_path / "out" / "device_check.log").read_text()
-    for name in ("environment", "tests", "benchmark", "roofline", "compile"):
+    for name in ("environment", "tests", "benchmark", "graph", "roofline", "compile"):
         assert f"== {name}: exit 0" in log
         assert (tmp_path / "out" / f"{name}.log").exists()
     assert "ran: -m pytest -q -p no:cacheprovider tests/test_device_check.py" in log
     bench = "tools/benchmark.py --device cuda --cases 1@300,4@500 --image-size 800"
-    assert f"ran: {bench} --batches 1,8 --amp bf16" in log
+    assert f"ran: {bench} --batches 1,8 --amp bf16 --tf32" in log
+    # The graph sampling mode, eager and compiled (CUDA graphs), at batch 1 and 8.
+    assert f"ran: tools/benchmark.py --graph --device cuda --cases 1@300,4@500 --image-size 800 --batches 1,8" in log
     assert "ran: tools/benchmark.py --roofline --device cuda" in log
     assert "ran: tools/benchmark.py --compile --device cuda" in log
-    assert "CUDA graphs: not applicable (dynamic shapes)" in log
 
     rc, out, err, _ = _run_script(tmp_path, PYTHON=_fake_python(tmp_path, fail_on="--compile"))
     assert rc == 1 and "FAILED: compile (exit 1)" in err, (out, err)

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,18 @@ def test_run_main_job_trains_evaluates_and_writes_the_ap_table(tmp_path):
         assert math.isfinite(float(p["eval s"]))
 
 
+def check_training_line(stdout):
+    """The benchmark's training line: both paths' rates, their ratio, and the first losses of
+    the two paths equal (same weights, batch and noise; the paths differ in speed only)."""
+    line = next(line for line in stdout.splitlines() if line.startswith("Training ("))
+    match = re.search(r"\): ([\d.]+) iterations/s, reference path ([\d.]+), time ratio "
+                      r"fast/reference ([\d.]+); first-iteration losses max \|Δ\| (\S+)$", line)
+    assert match, line
+    fast, ref, ratio, loss_diff = (float(v) for v in match.groups())
+    assert fast > 0 and ref > 0 and abs(ratio - ref / fast) <= 0.01 + 0.01 * ratio, line
+    assert loss_diff == 0.0, line
+
+
 def test_benchmark_prints_finite_positive_ratios():
     stdout = _run(
         "benchmark.py", "--quick", "--config-file", CONFIG, "--image-size", 96, "--train-iters", 1,
@@ -133,9 +146,7 @@ def test_benchmark_prints_finite_positive_ratios():
         assert abs(ratio - fast / ref) <= 0.006 + 0.0005 * (1 / ref + fast / ref**2), r
         # Same per-image noise on both paths: the reference's detections are found again.
         assert int(r["same top-100"].rstrip("%")) >= 50, r
-    training = next(line for line in stdout.splitlines() if line.startswith("Training:"))
-    iterations_per_s = float(training.split()[1])
-    assert math.isfinite(iterations_per_s) and iterations_per_s > 0
+    check_training_line(stdout)
 
 
 def test_benchmark_graph_and_tf32_rows():
@@ -198,5 +209,4 @@ def test_benchmark_runs_on_a_diffusioninst_config():
     assert "## DiffusionInst benchmark" in stdout
     rows = _markdown_rows(stdout, "| mode | steps |")
     assert rows and all(float(r["ratio"]) > 0 and int(r["same top-100"].rstrip("%")) >= 50 for r in rows)
-    training = next(line for line in stdout.splitlines() if line.startswith("Training:"))
-    assert float(training.split()[1]) > 0
+    check_training_line(stdout)

@@ -34,6 +34,7 @@ from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from diffusiondet.diffusion import TorchRandom
 from diffusiondet.engine import build_optimizer
 from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
+from diffusiondet.modeling.backbone.frozen_bn_folding import FoldedFrozenBNConv2d
 from diffusiondet.modeling.builders import sampler_kwargs
 from diffusiondet.modeling.graph_sampler import GraphBoxSampler
 from diffusiondet.utils import roofline
@@ -50,7 +51,8 @@ def parse_args():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config-file", default="configs/diffdet.coco.res50.yaml")
-    parser.add_argument("--image-size", type=int, help="square input side (pixels; 512, --quick 384)")
+    parser.add_argument("--image-size", type=int, help="input height (pixels; 512, --quick 384)")
+    parser.add_argument("--image-width", type=int, default=0, help="input width (default: square)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (median)")
     parser.add_argument("--batches", help="comma-separated batch sizes (1,4; --quick 1,2)")
@@ -88,11 +90,15 @@ def set_path(model, reference: bool, amp: str = "") -> None:
     )
     model.sampler.skip_unused_calls = not reference
     model.inference_amp = amp
+    model.fixed_shape_pooling = not reference
+    for layer in model.backbone.modules():  # FOLD_FROZEN_BN: the reference runs detectron2's BN
+        if isinstance(layer, FoldedFrozenBNConv2d):
+            layer.fold = not reference
 
 
-def random_images(count: int, size: int, seed: int = 0):
+def random_images(count: int, size: int, seed: int = 0, width: int = 0):
     g = torch.Generator().manual_seed(seed)
-    shape = (3, size, size)
+    shape = (3, size, width or size)
     return [{"image": torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)}
             for _ in range(count)]  # fmt: skip
 
@@ -144,7 +150,7 @@ def benchmark_inference(model, compiled, graph_models, args, cases, batches, hea
     """One row per (mode, steps, boxes, batch); the reference runs once per (steps, boxes).
     ``graph_models``: mode name -> a copy of the model with the graph sampler."""
     rows = []
-    images = random_images(max(batches), args.image_size)
+    images = random_images(max(batches), args.image_size, width=args.image_width)
     for steps, boxes in cases:
         for m in (model, compiled):
             if m is not None:
@@ -184,13 +190,10 @@ def benchmark_inference(model, compiled, graph_models, args, cases, batches, hea
     return rows
 
 
-def benchmark_training(cfg, model, args) -> float:
-    """Training iterations/s of the default path (batch 2, one untimed warm-up iteration)."""
-    model.train()
-    optimizer = build_optimizer(cfg, model)
+def training_batch(cfg, size: int):
+    """Two random images with 8 random GT boxes each (and box-filling masks for DiffusionInst)."""
     g = torch.Generator().manual_seed(1)
-    size, num_gt = args.image_size, 8
-    batch = []
+    batch, num_gt = [], 8
     for image in random_images(2, size, seed=1):
         xy = torch.rand(num_gt, 2, generator=g) * size * 0.6
         wh = 16 + torch.rand(num_gt, 2, generator=g) * size * 0.3
@@ -203,22 +206,40 @@ def benchmark_training(cfg, model, args) -> float:
                 [[box[[0, 1, 2, 1, 2, 3, 0, 3]].numpy()] for box in inst.gt_boxes.tensor], size, size
             )
         batch.append(dict(image, instances=inst))
-    times = []
-    for _ in range(args.train_iters + 1):
-        roofline.synchronize(model.device)
-        start = time.perf_counter()
-        losses = model(batch)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-        roofline.synchronize(model.device)
-        times.append(time.perf_counter() - start)
-    model.eval()
-    return args.train_iters / sum(times[1:])
+    return batch
+
+
+def benchmark_training(cfg, model, args):
+    """Training iterations/s of the default path and of the reference path (serial RoIAlign
+    backward, torch's unfused AdamW), batch 2, one untimed warm-up iteration each, both from the
+    same weights; and the largest difference of their first losses (same batch, same noise)."""
+    batch, results = training_batch(cfg, args.image_size), {}
+    for path in ("reference", "fast"):
+        run_cfg = cfg.clone()
+        run_cfg.defrost()
+        run_cfg.SOLVER.FUSED_ADAMW = path == "fast"
+        run_model = copy.deepcopy(model).train()
+        run_model.head.box_pooler.threaded_backward = path == "fast"
+        optimizer = build_optimizer(run_cfg, run_model)
+        times, first = [], None
+        for i in range(args.train_iters + 1):
+            torch.manual_seed(i)  # the same noise on both paths
+            roofline.synchronize(run_model.device)
+            start = time.perf_counter()
+            losses = run_model(batch)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+            roofline.synchronize(run_model.device)
+            times.append(time.perf_counter() - start)
+            first = first or {k: v.item() for k, v in losses.items()}
+        results[path] = (args.train_iters / sum(times[1:]), first)
+    loss_diff = max(abs(results["fast"][1][k] - v) for k, v in results["reference"][1].items())
+    return results["fast"][0], results["reference"][0], loss_diff
 
 
 def print_table(rows, args, backbone_s, train_ips, model) -> None:
-    size = f"{args.image_size}x{args.image_size}"
+    size = f"{args.image_size}x{args.image_width or args.image_size}"
     print(f"\n## {model.__class__.__name__} benchmark: {args.config_file}, {size}, device {args.device}, "
           f"{describe_cpu()}, repeats {args.repeats}, random weights\n")
     print(f"Backbone alone, 1 image: {backbone_s:.2f} s. head img/s = images / time inside the "
@@ -236,8 +257,10 @@ def print_table(rows, args, backbone_s, train_ips, model) -> None:
               f"| {r['dbox']:.1e} | {r['dscore']:.1e} | {r['shared']:.0%} | {r['mem']:.0f} "
               f"| {r['ref_mem']:.0f} |")
     if train_ips is not None:
-        print(f"\nTraining: {train_ips:.3f} iterations/s (batch 2, {size}, "
-              f"{model.num_proposals} proposals, default path)")
+        fast, ref, loss_diff = train_ips
+        print(f"\nTraining (batch 2, {size}, {model.num_proposals} proposals): {fast:.3f} "
+              f"iterations/s, reference path {ref:.3f}, time ratio fast/reference "
+              f"{ref / fast:.2f}; first-iteration losses max |Δ| {loss_diff:.1e}")
 
 
 def main():
@@ -282,7 +305,7 @@ def main():
     model.sampler.steps, model.eval_num_proposals = 1, 50
     model.inference(random_images(1, args.image_size))
     with torch.no_grad():
-        images, _ = model.preprocess_image(random_images(1, args.image_size))
+        images, _ = model.preprocess_image(random_images(1, args.image_size, width=args.image_width))
         backbone_s = roofline.timed(lambda: model.extract_features(images), model.device, 1)[0]
 
     rows = benchmark_inference(

@@ -104,8 +104,10 @@ class DiffusionInference:
             # Scores, renewal and NMS stay in fp32: bf16 logits would tie many scores.
             return {k: _to_fp32(v) for k, v in out.items()}
 
-        # The graph sampler needs the fixed-shape pooler; training keeps detectron2's.
-        self.head.use_fixed_shape_pooling(self.sampler.fixed_shape_pooling)
+        # The graph sampler needs the fixed-shape pooler, CPU inference is faster with it
+        # (FIXED_SHAPE_POOLING); training keeps detectron2's.
+        cpu_fixed = self.fixed_shape_pooling and self.device.type == "cpu"
+        self.head.use_fixed_shape_pooling(self.sampler.fixed_shape_pooling or cpu_fixed)
         try:
             candidates = self.sampler.sample_candidates(
                 denoise_fn,

@@ -33,6 +33,7 @@ from ..diffusion import (
 )
 from ..options import INFERENCE_AMP_DTYPES
 from . import builders
+from .backbone.frozen_bn_folding import fold_frozen_batchnorm_at_inference
 from .criterion import SetCriterion
 from .head import DynamicHead
 from .inference import DiffusionInference, ImageContext, _to_fp32  # noqa: F401  (re-exported)
@@ -68,6 +69,7 @@ class DiffusionDet(DiffusionInference, nn.Module):
         pixel_std: Sequence[float],
         inference_amp: str = "",
         compile_head: bool = False,
+        fixed_shape_pooling: bool = False,
     ):
         """
         Args:
@@ -86,6 +88,8 @@ class DiffusionDet(DiffusionInference, nn.Module):
             inference_amp: autocast backbone and head at inference, one of
                 ``INFERENCE_AMP_DTYPES`` ("" = off); the sampler keeps working in fp32.
             compile_head: ``torch.compile`` each head stage in place (state-dict keys unchanged).
+            fixed_shape_pooling: CPU inference pools with the head's fixed-shape pooler (the graph
+                sampler always does).
         """
         super().__init__()
         self.backbone = backbone
@@ -110,6 +114,7 @@ class DiffusionDet(DiffusionInference, nn.Module):
                 f"got {inference_amp!r}"
             )
         self.inference_amp = inference_amp
+        self.fixed_shape_pooling = fixed_shape_pooling
         if compile_head:
             # Per stage: the pooler between stages has data-dependent shapes (level split).
             for stage in self.head.head_series:
@@ -118,6 +123,8 @@ class DiffusionDet(DiffusionInference, nn.Module):
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
+        if cfg.MODEL.DiffusionDet.FOLD_FROZEN_BN:
+            fold_frozen_batchnorm_at_inference(backbone)
         in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
         shapes = backbone.output_shape()
         d = cfg.MODEL.DiffusionDet
@@ -141,6 +148,7 @@ class DiffusionDet(DiffusionInference, nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "inference_amp": d.INFERENCE_AMP,
             "compile_head": d.COMPILE_HEAD,
+            "fixed_shape_pooling": d.FIXED_SHAPE_POOLING,
         }
 
     @classmethod
@@ -187,7 +195,8 @@ class DiffusionDet(DiffusionInference, nn.Module):
 
     def extract_features(self, images: ImageList) -> List[torch.Tensor]:
         feats = self.backbone(images.tensor)
-        return [feats[f] for f in self.in_features]
+        # Channels-last maps (FOLD_FROZEN_BN) would be copied by RoIAlign at every stage.
+        return [feats[f].contiguous() for f in self.in_features]
 
     def denoise(self, features: List[torch.Tensor], boxes: torch.Tensor, t: torch.Tensor) -> Dict:
         """One model call of the sampler: the final stage's ``sampled_outputs`` (B, N, ...) for

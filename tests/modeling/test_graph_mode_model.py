@@ -52,7 +52,7 @@ def test_graph_mode_equals_parity_mode_when_every_box_is_kept():
     # What is left differs in rounding only: the fixed-shape pooler interpolates with
     # grid_sample, and the NMS runs once over the batch. Measured: 9e-5 px, 1.3e-7 in score.
     keep_all = ["MODEL.DiffusionDet.RENEWAL_THRESHOLD", 0.0]
-    _, parity = run("parity", *keep_all)
+    _, parity = run("parity", *keep_all, "MODEL.DiffusionDet.FIXED_SHAPE_POOLING", False)
     _, graph = run("graph", *keep_all)
     assert_same_detections(graph, parity, box_atol=1e-3)
 
@@ -61,7 +61,7 @@ def test_graph_sampler_with_detectron2_pooling_is_exactly_the_parity_sampler():
     # The sampler alone (masked renewal, host-side ᾱ, shared time embedding, batched NMS) adds
     # no difference of its own when every box is kept: measured 0.
     keep_all = ["MODEL.DiffusionDet.RENEWAL_THRESHOLD", 0.0]
-    _, parity = run("parity", *keep_all)
+    _, parity = run("parity", *keep_all, "MODEL.DiffusionDet.FIXED_SHAPE_POOLING", False)
     model, _ = run("graph", *keep_all)
     model.head.use_fixed_shape_pooling = lambda enabled: None  # keep detectron2's pooler
     _, graph = run("graph", model=model)
@@ -113,3 +113,33 @@ def test_diffusioninst_masks_in_graph_mode():
         assert masks_a.shape == masks_b.shape and masks_a.shape[1:] == a.image_size
         # Binary masks of boxes equal within 1e-3 px: at most a few border pixels may flip.
         assert (masks_a != masks_b).float().mean() < 1e-3
+
+
+def count_syncs(mode, steps):
+    from diffusiondet.utils.host_syncs import HostSyncCounter
+
+    # Parity as it runs on a GPU: detectron2's pooler (FIXED_SHAPE_POOLING is for CPUs).
+    model, _ = run(mode, "MODEL.DiffusionDet.FIXED_SHAPE_POOLING", False)
+    model.sampler.steps = steps
+    images, whwh, features = model.inference_features(INPUTS)
+    with HostSyncCounter() as in_loop:
+        model.head.use_fixed_shape_pooling(model.sampler.fixed_shape_pooling)
+        model.sampler.sample_candidates(
+            lambda boxes, t: model.denoise(features, boxes, t), model.alphas_cumprod, whwh, 20
+        )
+        model.head.use_fixed_shape_pooling(False)
+    with HostSyncCounter() as whole:
+        model.sample_detections(INPUTS, images, whwh, features)
+    return in_loop, whole
+
+
+def test_graph_mode_has_no_host_sync_inside_the_sampling_loop():
+    parity_loop, parity_whole = count_syncs("parity", 4)
+    # The counter sees the parity mode's syncs (unique, level split, renewal sizes) ...
+    assert parity_loop.by_op["aten::nonzero"] > 0 and parity_loop.by_op["aten::_unique2"] > 0
+    graph_loop, graph_4 = count_syncs("graph", 4)
+    _, graph_8 = count_syncs("graph", 8)
+    # ... and none in the graph mode's loop; after it, one NMS for the whole batch, whatever S.
+    assert graph_loop.total == 0, dict(graph_loop.by_op)
+    assert graph_4.by_op["torchvision::nms"] == 1 and graph_4.by_op == graph_8.by_op
+    assert graph_4.total < parity_whole.total
