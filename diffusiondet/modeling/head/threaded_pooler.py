@@ -9,7 +9,7 @@ releases the GIL and every RoI is computed independently, so pooling disjoint Ro
 parallel threads gives bit-identical outputs. detectron2's ``ROIPooler`` also zero-fills the
 (M, D, R, R) output before scattering each level into it; here every row is written exactly once,
 so the buffer is left uninitialised. In training, the RoIAlign backward (about 6x its forward,
-also single-threaded) is split the same way, each thread scattering into its own gradient.
+also single-threaded) is split by image, which keeps it bit-identical (see _ThreadedRoIAlign).
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -47,10 +47,13 @@ def _run_parts(fn, parts) -> list:
 
 
 class _ThreadedRoIAlign(torch.autograd.Function):
-    """torchvision's ``roi_align`` of one level with the RoIs split over threads, forward and
-    backward. Each thread's backward scatters into its own full-size gradient and the partial
-    gradients are summed: the same terms as the serial kernel, added in another order (float
-    rounding only); the forward is bit-identical."""
+    """torchvision's ``roi_align`` of one level with the work split over threads, forward and
+    backward; the forward is bit-identical to the serial kernel.
+
+    Backward: the RoIs of image b only touch image b's map, so with B > 1 each thread scatters
+    whole images, each into that image's own gradient, in the serial kernel's RoI order: the
+    same additions in the same order, bit-identical, and no buffer beyond the serial one. With
+    one image the RoIs are split instead and the per-thread gradients summed (float rounding)."""
 
     @staticmethod
     def forward(ctx, feature, rois, spatial_scale, output_size, sampling_ratio, aligned, parts):
@@ -81,10 +84,29 @@ class _ThreadedRoIAlign(torch.autograd.Function):
                 sampling_ratio, aligned,
             )  # fmt: skip
 
+        none = (None,) * 6
+        if shape[0] > 1:
+            image = rois[:, 0].long()
+            rows_of = [torch.nonzero(image == b).squeeze(1) for b in range(shape[0])]
+
+            def scatter_images(images):
+                grads = []
+                for b in images.tolist():
+                    local = rois[rows_of[b]].clone()
+                    local[:, 0] = 0  # image b's rows against image b's map alone
+                    grads.append(torch.ops.torchvision._roi_align_backward(
+                        grad_output[rows_of[b]], local, spatial_scale, *output_size, 1, *shape[1:],
+                        sampling_ratio, aligned,
+                    ))  # fmt: skip
+                return grads
+
+            groups = torch.arange(shape[0]).tensor_split(min(parts, shape[0]))
+            per_image = [g for grads in _run_parts(scatter_images, groups) for g in grads]
+            return (torch.cat(per_image),) + none
         if not row_parts:
-            return grad_output.new_zeros(shape), None, None, None, None, None, None
+            return (grad_output.new_zeros(shape),) + none
         partial = _run_parts(scatter, row_parts)
-        return sum(partial[1:], partial[0]), None, None, None, None, None, None
+        return (sum(partial[1:], partial[0]),) + none
 
 
 class ThreadedROIPooler(ROIPooler):
@@ -109,7 +131,7 @@ class ThreadedROIPooler(ROIPooler):
             raise ValueError(f"num_threads must be >= 0 (0 = automatic), got {num_threads}")
         self.num_threads = num_threads
         # Training on CPU: RoIAlign's forward and backward split over the same threads (the
-        # gradient then differs from the serial kernel's in float rounding only).
+        # gradient is bit-identical with 2+ images, equal up to float rounding with one).
         self.threaded_backward = threaded_backward
 
     def resolved_num_threads(self) -> int:
