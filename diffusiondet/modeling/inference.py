@@ -98,7 +98,7 @@ class DiffusionInference:
 
         def denoise_fn(boxes: torch.Tensor, t: torch.Tensor) -> Dict:
             with self.inference_autocast():
-                out = self.denoise(features, boxes, t)
+                out = self.denoise(pool_input, boxes, t)
             if not self.inference_amp:
                 return out
             # Scores, renewal and NMS stay in fp32: bf16 logits would tie many scores.
@@ -108,6 +108,7 @@ class DiffusionInference:
         # (FIXED_SHAPE_POOLING); training keeps detectron2's.
         cpu_fixed = self.fixed_shape_pooling and self.device.type == "cpu"
         self.head.use_fixed_shape_pooling(self.sampler.fixed_shape_pooling or cpu_fixed)
+        pool_input = self.head.prepare_features(features)  # packed once for all model calls
         try:
             candidates = self.sampler.sample_candidates(
                 denoise_fn,

@@ -143,3 +143,19 @@ def test_graph_mode_has_no_host_sync_inside_the_sampling_loop():
     assert graph_loop.total == 0, dict(graph_loop.by_op)
     assert graph_4.by_op["torchvision::nms"] == 1 and graph_4.by_op == graph_8.by_op
     assert graph_4.total < parity_whole.total
+
+
+def test_features_are_packed_once_per_batch_not_once_per_call():
+    from diffusiondet.modeling.head.fixed_shape_pooler import FixedShapeROIPooler
+
+    model, first = run("graph")
+    packs = []
+    original = FixedShapeROIPooler.pack
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FixedShapeROIPooler, "pack", lambda self, f: packs.append(1) or original(self, f))
+        _, again = run("graph", model=model)  # SAMPLE_STEP 3: 2 model calls
+    assert len(packs) == 1
+    assert_same_detections(again, first, box_atol=0, box_rtol=0)
+    with pytest.raises(ValueError, match="use_fixed_shape_pooling"):
+        model.head(model.head.fixed_shape_pooler.pack([torch.zeros(1, 32, 16, 24)] * 4),
+                   torch.zeros(1, 3, 4), torch.tensor([5]))

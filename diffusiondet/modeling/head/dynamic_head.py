@@ -15,7 +15,7 @@ from detectron2.structures import Boxes
 from torch import nn
 
 from .refinement_stage import ACTIVATIONS, RefinementStage
-from .fixed_shape_pooler import FixedShapeROIPooler
+from .fixed_shape_pooler import FixedShapeROIPooler, PackedFeatures
 from .threaded_pooler import ThreadedROIPooler
 from .time_embedding import build_time_mlp
 
@@ -189,6 +189,12 @@ class DynamicHead(nn.Module):
             )
         self.fixed_shape_pooling = enabled
 
+    def prepare_features(self, features: List[torch.Tensor]):
+        """What to give :meth:`forward` for many calls on the same features: with fixed-shape
+        pooling the packed levels (packing is then done once, not once per call), else
+        ``features`` itself."""
+        return self.fixed_shape_pooler.pack(features) if self.fixed_shape_pooling else features
+
     def pool(self, features: List[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """RoI-pool ``boxes`` (B, N, 4) abs xyxy from ``features`` (L × (B, D, H_l, W_l)).
 
@@ -205,7 +211,8 @@ class DynamicHead(nn.Module):
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
-            features: L feature maps (p2..p5), each (B, D, H_l, W_l).
+            features: L feature maps (p2..p5), each (B, D, H_l, W_l), or their
+                :meth:`prepare_features` (fixed-shape pooling only).
             init_boxes: (B, N, 4) abs xyxy noisy boxes, any float dtype (cast to the features'
                 dtype, but never below float32: coordinates reach ~1e3 and beyond).
             t: (B,) diffusion timesteps (integers in [0, T)), or (1,): one timestep shared by
@@ -220,7 +227,8 @@ class DynamicHead(nn.Module):
             Outputs that depend on the image only come from :meth:`per_image_outputs`, a
             separate call: they do not change between sampling steps.
         """
-        boxes = init_boxes.to(torch.promote_types(features[0].dtype, torch.float32))
+        feature_dtype = (features.table if isinstance(features, PackedFeatures) else features[0]).dtype
+        boxes = init_boxes.to(torch.promote_types(feature_dtype, torch.float32))
         # One embedding per distinct timestep. At inference all images share t, and a GEMM over
         # B equal rows rounds differently from one over 1 row: this keeps a batch's outputs
         # bit-identical to each image's alone.
@@ -230,8 +238,11 @@ class DynamicHead(nn.Module):
             unique_t, time_index = torch.unique(t, return_inverse=True)  # (U,), (B,)
             time_emb = self.time_mlp(unique_t)  # (U, 4D), shared by all stages
         if self.fixed_shape_pooling:
-            packed = self.fixed_shape_pooler.pack(features)  # once per call, not per stage
+            # Packed once per call (not per stage), or once per image by prepare_features.
+            packed = features if isinstance(features, PackedFeatures) else self.fixed_shape_pooler.pack(features)
             pool = functools.partial(self.fixed_shape_pooler, packed)
+        elif isinstance(features, PackedFeatures):
+            raise ValueError("packed features need use_fixed_shape_pooling(True)")
         else:
             pool = functools.partial(self.pool, features)
         pro_features = None
