@@ -24,7 +24,6 @@ from torch import Tensor
 
 from ..diffusion import (
     RandomSource,
-    TorchRandom,
     boxes_to_signal,
     ddim_coefficients,
     ddim_time_pairs,
@@ -32,7 +31,7 @@ from ..diffusion import (
     signal_to_boxes,
 )
 from .postprocess import CandidateDict, topk_candidate_fields
-from .sampler import DDIMBoxSampler, DenoiseFn, per_proposal_extras
+from .sampler import DDIMBoxSampler, DenoiseFn, per_proposal_extras, sampling_inputs
 
 __all__ = ["GraphBoxSampler", "batched_class_nms"]
 
@@ -137,11 +136,8 @@ class GraphBoxSampler(DDIMBoxSampler):
             tensors; :meth:`select_batch` takes them all at once.
         """
         batch, device = image_whwh.shape[0], image_whwh.device
-        dtype = image_whwh.dtype if image_whwh.is_floating_point() else torch.float32
-        image_whwh = image_whwh.to(dtype)
-        if per_image_rng is not None and len(per_image_rng) != batch:
-            raise ValueError(f"per_image_rng has {len(per_image_rng)} sources for {batch} images")
-        shared_rng = rng if rng is not None else TorchRandom(device=device, dtype=dtype)
+        image_whwh, shared_rng = sampling_inputs(image_whwh, rng, per_image_rng)
+        dtype = image_whwh.dtype
 
         def draw(count: int) -> List[Tensor]:
             """``count`` draws of (B, N, 4); per-image sources draw image by image, in order."""

@@ -104,12 +104,9 @@ class DiffusionInference:
             # Scores, renewal and NMS stay in fp32: bf16 logits would tie many scores.
             return {k: _to_fp32(v) for k, v in out.items()}
 
-        # The graph sampler needs the fixed-shape pooler, CPU inference is faster with it
-        # (FIXED_SHAPE_POOLING); training keeps detectron2's.
-        cpu_fixed = self.fixed_shape_pooling and self.device.type == "cpu"
-        self.head.use_fixed_shape_pooling(self.sampler.fixed_shape_pooling or cpu_fixed)
-        pool_input = self.head.prepare_features(features)  # packed once for all model calls
+        self.head.use_fixed_shape_pooling(self.pools_with_fixed_shapes())
         try:
+            pool_input = self.head.prepare_features(features)  # packed once for all model calls
             candidates = self.sampler.sample_candidates(
                 denoise_fn,
                 self.alphas_cumprod,
@@ -126,6 +123,12 @@ class DiffusionInference:
             {"instances": self.postprocess_detections(det, ctx, do_postprocess)}
             for det, ctx in zip(detections, contexts)
         ]
+
+    def pools_with_fixed_shapes(self) -> bool:
+        """Whether inference pools with the head's fixed-shape pooler: the graph sampler needs
+        it, and CPU inference is faster with it (FIXED_SHAPE_POOLING); training never does."""
+        cpu_fixed = self.fixed_shape_pooling and self.device.type == "cpu"
+        return self.sampler.fixed_shape_pooling or cpu_fixed
 
     def image_contexts(
         self, batched_inputs: List[Dict], images: ImageList, features: List[torch.Tensor]

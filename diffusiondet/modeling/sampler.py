@@ -179,13 +179,9 @@ class DDIMBoxSampler:
             (M, 4) abs xyxy, ``scores`` (M,), ``classes`` (M,) long and the extra fields
             (M, ...), each sorted by score descending.
         """
-        batch = image_whwh.shape[0]
-        device = image_whwh.device
-        dtype = image_whwh.dtype if image_whwh.is_floating_point() else torch.float32
-        image_whwh = image_whwh.to(dtype)
-        if per_image_rng is not None and len(per_image_rng) != batch:
-            raise ValueError(f"per_image_rng has {len(per_image_rng)} sources for {batch} images")
-        shared_rng = rng if rng is not None else TorchRandom(device=device, dtype=dtype)
+        batch, device = image_whwh.shape[0], image_whwh.device
+        image_whwh, shared_rng = sampling_inputs(image_whwh, rng, per_image_rng)
+        dtype = image_whwh.dtype
 
         def draw(image_index: int, shape: Tuple[int, ...]) -> Tensor:
             source = per_image_rng[image_index] if per_image_rng is not None else shared_rng
@@ -245,6 +241,20 @@ class DDIMBoxSampler:
         if self.use_nms:
             merged = nms_candidates(merged, self.nms_threshold)
         return cap_detections(merged, self.detections_per_image)
+
+
+def sampling_inputs(
+    image_whwh: Tensor, rng: Optional[RandomSource], per_image_rng: Optional[Sequence[RandomSource]]
+) -> Tuple[Tensor, RandomSource]:
+    """Checks and defaults shared by the samplers: ``image_whwh`` (B, 4) in the sampling dtype
+    (its own if floating, else float32) and the shared random source (default ``TorchRandom``
+    on its device); raises if ``per_image_rng`` does not have B sources."""
+    batch = image_whwh.shape[0]
+    dtype = image_whwh.dtype if image_whwh.is_floating_point() else torch.float32
+    if per_image_rng is not None and len(per_image_rng) != batch:
+        raise ValueError(f"per_image_rng has {len(per_image_rng)} sources for {batch} images")
+    shared_rng = rng if rng is not None else TorchRandom(device=image_whwh.device, dtype=dtype)
+    return image_whwh.to(dtype), shared_rng
 
 
 def per_proposal_extras(outputs: Dict[str, Tensor], batch: int, num_boxes: int) -> Dict[str, Tensor]:

@@ -52,9 +52,7 @@ class HostSyncCounter(TorchDispatchMode):
             self.by_op[name] += 1
         elif name in ("aten::index", "aten::index_put_", "aten::index_put") and _has_bool_index(args):
             self.by_op[f"{name} (bool mask)"] += 1
-        elif name == "aten::repeat_interleave" and torch.is_tensor(args[0]) and (
-            args[0].dtype == torch.long and len(args) == 1 or torch.is_tensor(args[1] if len(args) > 1 else None)
-        ):
+        elif name == "aten::repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor"):
             self.by_op[f"{name} (tensor repeats)"] += 1
         return func(*args, **(kwargs or {}))
 

@@ -135,9 +135,7 @@ def head_roofline(model, features: Sequence[torch.Tensor], image_hw, num_boxes: 
     batch = features[0].shape[0]
     boxes = random_boxes(batch, num_boxes, *image_hw, device=features[0].device)
     t = torch.full((batch,), 999, dtype=torch.long, device=boxes.device)
-    # The pooler inference would use (FIXED_SHAPE_POOLING on CPU, always in graph mode).
-    fixed = getattr(model, "fixed_shape_pooling", False) and boxes.device.type == "cpu"
-    model.head.use_fixed_shape_pooling(fixed or model.sampler.fixed_shape_pooling)
+    model.head.use_fixed_shape_pooling(model.pools_with_fixed_shapes())  # as inference does
     try:
         with torch.no_grad():
             times = timed(lambda: model.head(list(features), boxes, t), boxes.device, repeats)

@@ -57,9 +57,10 @@ class _ThreadedRoIAlign(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feature, rois, spatial_scale, output_size, sampling_ratio, aligned, parts):
+        row_parts = [rows for rows in torch.arange(len(rois)).tensor_split(parts) if rows.numel()]
         ctx.save_for_backward(rois)
         ctx.config = (spatial_scale, output_size, sampling_ratio, aligned, parts, feature.shape)
-        row_parts = [rows for rows in torch.arange(len(rois)).tensor_split(parts) if rows.numel()]
+        ctx.row_parts = row_parts  # the one-image backward splits the same way
 
         def pool(rows):
             with torch.no_grad():  # grad mode is per thread; this Function is the graph node
@@ -76,7 +77,7 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         (rois,) = ctx.saved_tensors
         spatial_scale, output_size, sampling_ratio, aligned, parts, shape = ctx.config
         grad_output = grad_output.contiguous()
-        row_parts = [rows for rows in torch.arange(len(rois)).tensor_split(parts) if rows.numel()]
+        row_parts = ctx.row_parts
 
         def scatter(rows):
             return torch.ops.torchvision._roi_align_backward(
@@ -138,22 +139,27 @@ class ThreadedROIPooler(ROIPooler):
         """Threads used by the next CPU call."""
         return self.num_threads or torch.get_num_threads()
 
-    def _use_threads(self, x: Sequence[torch.Tensor], num_rois: int) -> bool:
+    def _threaded_path(self, x: Sequence[torch.Tensor], num_rois: int) -> str:
+        """"inference" (threads, no autograd), "training" (threaded autograd Function) or
+        "serial" (detectron2's ROIPooler: GPU, tracing / compiling, one thread or one RoI)."""
         if self.resolved_num_threads() <= 1 or num_rois < 2 or x[0].device.type != "cpu":
-            return False
+            return "serial"
         if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return False
-        # Autograd must see the ordinary op graph; worker threads would also lose grad mode.
-        return not (torch.is_grad_enabled() and any(level.requires_grad for level in x))
+            return "serial"
+        if not (torch.is_grad_enabled() and any(level.requires_grad for level in x)):
+            return "inference"
+        aligns = self.level_poolers[0].__class__.__name__ == "ROIAlign"
+        return "training" if self.threaded_backward and aligns else "serial"
 
-    def _use_threads_with_grad(self, x: Sequence[torch.Tensor], num_rois: int) -> bool:
-        if not self.threaded_backward or self.resolved_num_threads() <= 1 or num_rois < 2:
-            return False
-        if x[0].device.type != "cpu" or self.level_poolers[0].__class__.__name__ != "ROIAlign":
-            return False
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return False
-        return torch.is_grad_enabled() and any(level.requires_grad for level in x)
+    def _pooler_boxes_and_levels(self, box_lists: List[Boxes]):
+        """(M, 5) image index + xyxy rows and (M,) level offsets, as ``ROIPooler.forward``."""
+        pooler_boxes = convert_boxes_to_pooler_format(box_lists)
+        if len(self.level_poolers) == 1:
+            return pooler_boxes, torch.zeros(len(pooler_boxes), dtype=torch.long)
+        levels = assign_boxes_to_levels(
+            box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        )
+        return pooler_boxes, levels
 
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """
@@ -165,18 +171,12 @@ class ThreadedROIPooler(ROIPooler):
             (M, D, R, R) pooled features, image-major, identical to ``ROIPooler.forward``.
         """
         num_rois = sum(len(boxes) for boxes in box_lists)
-        if self._use_threads_with_grad(x, num_rois):
+        path = self._threaded_path(x, num_rois)
+        if path == "training":
             return self._forward_with_grad(x, box_lists)
-        if not self._use_threads(x, num_rois):
+        if path == "serial":
             return super().forward(x, box_lists)
-        pooler_boxes = convert_boxes_to_pooler_format(box_lists)  # (M, 5) image index + xyxy
-        if len(self.level_poolers) == 1:
-            levels = torch.zeros(num_rois, dtype=torch.long, device=pooler_boxes.device)
-        else:
-            levels = assign_boxes_to_levels(
-                box_lists, self.min_level, self.max_level,
-                self.canonical_box_size, self.canonical_level,
-            )  # (M,) level offset
+        pooler_boxes, levels = self._pooler_boxes_and_levels(box_lists)
         # Every row is written below, so unlike ROIPooler no zero fill; torchvision returns the
         # features' dtype even under autocast.
         output = x[0].new_empty((num_rois, x[0].shape[1]) + tuple(self.output_size))
@@ -210,14 +210,7 @@ class ThreadedROIPooler(ROIPooler):
     def _forward_with_grad(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """Training: ``ROIPooler.forward``'s computation, each level's RoIAlign (and, above all,
         its backward, ~6x the forward and single-threaded in torchvision) split over threads."""
-        pooler_boxes = convert_boxes_to_pooler_format(box_lists)  # (M, 5)
-        if len(self.level_poolers) == 1:
-            levels = torch.zeros(len(pooler_boxes), dtype=torch.long)
-        else:
-            levels = assign_boxes_to_levels(
-                box_lists, self.min_level, self.max_level,
-                self.canonical_box_size, self.canonical_level,
-            )  # fmt: skip
+        pooler_boxes, levels = self._pooler_boxes_and_levels(box_lists)
         output = x[0].new_zeros((len(pooler_boxes), x[0].shape[1]) + tuple(self.output_size))
         for level, pooler in enumerate(self.level_poolers):
             rows = torch.nonzero(levels == level).squeeze(1)
