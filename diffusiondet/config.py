@@ -170,13 +170,15 @@ def add_diffusiondet_config(cfg):
     # and SAMPLE_STEP > 1): same detections, 1/SAMPLE_STEP less head time. False = official calls.
     d.SKIP_UNUSED_CALLS = True
     # Fold every frozen BatchNorm of the backbone into its convolution at inference and run those
-    # convolutions channels-last (R-50, 800x1216, 2-core CPU: 2.40 -> 1.50 s; outputs equal up to
-    # float rounding). Parameters and checkpoints are unchanged; training is unaffected.
+    # convolutions channels-last (R-50, 800x1216, 2-core CPU: 2.94 -> 1.74 s by
+    # tools/profile_speed.py backbone; outputs equal up to float rounding). Parameters and
+    # checkpoints are unchanged; training is unaffected.
     d.FOLD_FROZEN_BN = True
     # CPU inference pools RoIs with FixedShapeROIPooler (one channels-last gather kernel; equal to
     # detectron2's ROIPooler within 1e-6) instead of torchvision's roi_align: R-50 head at 500
-    # boxes 1.28 -> 0.76 s of profiled CPU time on 2 cores. GPUs keep roi_align (SAMPLING_MODE
-    # "graph" always uses the fixed-shape pooler). False = detectron2's pooler everywhere.
+    # boxes 1.31 -> 0.73 s on 2 cores (tools/profile_speed.py head). GPUs keep roi_align
+    # (SAMPLING_MODE "graph" always uses the fixed-shape pooler). False = detectron2's pooler
+    # everywhere.
     d.FIXED_SHAPE_POOLING = True
     # "parity" (official draw order, renewal by compaction) or "graph" (renewal by masking with
     # N fixed, fixed-shape RoI pooling, one batched NMS: no host syncs inside the sampling loop).

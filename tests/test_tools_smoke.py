@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -210,3 +211,30 @@ def test_benchmark_runs_on_a_diffusioninst_config():
     rows = _markdown_rows(stdout, "| mode | steps |")
     assert rows and all(float(r["ratio"]) > 0 and int(r["same top-100"].rstrip("%")) >= 50 for r in rows)
     check_training_line(stdout)
+
+
+def test_count_host_syncs_prints_both_modes():
+    # The graph mode's loop has no host sync and its total does not grow with the steps; the
+    # parity mode's does.
+    totals = {}
+    for steps in (2, 4):
+        stdout = _run("count_host_syncs.py", "--config-file", CONFIG, "--steps", steps, "--boxes", 20,
+                      "--batch", 2, *TINY, cwd=REPO)  # fmt: skip
+        rows = _markdown_rows(stdout, "| mode |")
+        assert [r["mode"] for r in rows] == ["parity", "graph"]
+        totals[steps] = {r["mode"]: (int(r["in the sampling loop"]), int(r["sampling + post-processing"])) for r in rows}
+    assert totals[2]["graph"][0] == totals[4]["graph"][0] == 0
+    assert totals[2]["graph"] == totals[4]["graph"] and "torchvision::nms 1" in rows[1]["by op (whole)"]
+    assert 0 < totals[2]["parity"][0] < totals[4]["parity"][0]
+
+
+@pytest.mark.parametrize("part", ["head", "backbone"])
+def test_profile_speed_runs_each_part(part):
+    stdout = _run("profile_speed.py", part, "--config-file", CONFIG, "--height", 64, "--width", 96,
+                  "--boxes", 20, "--rows", 3, *TINY, cwd=REPO)  # fmt: skip
+    if part == "head":  # both poolers, each with its time and profile table
+        timed = re.findall(r"fixed-shape pooling (False|True): best of 3 ([\d.]+) s", stdout)
+        assert [m[0] for m in timed] == ["False", "True"] and all(float(m[1]) > 0 for m in timed)
+        assert stdout.count("Self CPU time total") == 2
+    else:  # the synthetic config's GroupNorm ResNet-18 has nothing to fold
+        assert "FOLD_FROZEN_BN False" in stdout and "(0 folding convolutions)" in stdout

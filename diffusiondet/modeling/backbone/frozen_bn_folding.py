@@ -3,9 +3,9 @@
 A detectron2 ``Conv2d`` with a ``FrozenBatchNorm2d`` computes ``bn(conv(x, W))`` = ``conv(x, W·s)
 + (β − μ·s)`` with ``s = γ / √(σ² + ε)``. Folding skips one elementwise pass over every activation
 of the backbone, and running the convolutions on channels-last tensors spares oneDNN a layout
-reorder per convolution. On the 2-core Xeon (R-50, 800×1216, random BN statistics): 2.40 s ->
-1.73 s folded, 1.50 s folded + channels-last; outputs equal up to 4.4e-6 relative (rounding of
-the folded product).
+reorder per convolution. On the 2-core Xeon (R-50, 800×1216): 2.94 s -> 1.74 s
+(``tools/profile_speed.py backbone``); outputs equal up to 7.2e-6 of each level's maximum
+(rounding of the folded product).
 
 The folding is recomputed at every call from the current parameters (a few ms for R-50), so
 the module's parameters and state-dict keys never change: checkpoints saved after inference
