@@ -26,14 +26,22 @@ Protocol (full-body boxes; boxes are abs xyxy after reading odgt's ``[x, y, w, h
 
 Images without any GT box are absent from CrowdHuman's odgt files, so by default an image counts
 (for FPPI, and its detections as false positives) only if it has at least one GT or ignore box;
-``count_images_without_gt=True`` counts every image of the GT set instead.
+``count_images_without_gt=True`` counts every image of the GT set instead. A counted image without
+detections has all its GT boxes missed.
+
+Detection files: an odgt ``dtboxes`` entry is a person when its ``tag`` is absent, ``"person"`` or
+the class index 1 (also written ``"1"`` or ``1.0``), as CrowdDet, Sparse R-CNN and Iter-E2EDET
+write it; other tags are excluded with a warning, and a file whose detections are all excluded is
+an error.
 """
 import argparse
 import json
 import os
 import sys
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Collection, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -46,7 +54,9 @@ REFERENCE_FPPI = np.logspace(-2.0, 0.0, 9)
 
 @dataclass
 class CrowdHumanImage:
-    """Ground truth of one image: ``boxes`` (G, 4) abs xyxy, ``ignore`` (G,) bool, image size."""
+    """Ground truth of one image: ``boxes`` (G, 4) abs xyxy, ``ignore`` (G,) bool, image size
+    (``inf`` when unknown: only possible for an image without detections, where clipping changes
+    nothing)."""
 
     width: float
     height: float
@@ -189,9 +199,15 @@ def _read_odgt(path: str) -> List[dict]:
     return records
 
 
-def load_odgt_ground_truth(path: str, sizes: Mapping[str, Tuple[float, float]] = None):
+def load_odgt_ground_truth(path: str, sizes: Mapping[str, Tuple[float, float]] = None,
+                           detected_ids: Optional[Collection[str]] = None):  # fmt: skip
     """{ID: CrowdHumanImage} from an odgt file (full-body ``fbox``); image sizes come from the
-    record's ``width`` / ``height`` or else from ``sizes`` {ID: (width, height)}."""
+    record's ``width`` / ``height`` or else from ``sizes`` {ID: (width, height)}.
+
+    CrowdHuman's own ``annotation_val.odgt`` has no sizes, and an image can be missing from the
+    detections too: an image that is not in ``detected_ids`` (IDs with at least one detection) may
+    go without a size, since it has nothing to match. ``detected_ids=None``: every image needs one.
+    """
     images = {}
     for record in _read_odgt(path):
         image_id = str(record["ID"])
@@ -203,6 +219,8 @@ def load_odgt_ground_truth(path: str, sizes: Mapping[str, Tuple[float, float]] =
         size = (record.get("width"), record.get("height"))
         if None in size:
             size = (sizes or {}).get(image_id, (None, None))
+        if None in size and detected_ids is not None and image_id not in detected_ids:
+            size = (float("inf"), float("inf"))
         if None in size:
             raise ValueError(f"{path}: no image size for '{image_id}' (give width/height in the"
                              " records, detections with width/height, or --coco-gt)")
@@ -211,11 +229,28 @@ def load_odgt_ground_truth(path: str, sizes: Mapping[str, Tuple[float, float]] =
     return images
 
 
+def _not_a_person(box: Mapping) -> Optional[str]:
+    """None if an odgt detection is a person by its ``tag``, else the reason, as the warning says it."""
+    if "tag" not in box:
+        return None
+    tag = box["tag"]
+    # bool is an int in Python (True == 1), but a true/false tag is no class index.
+    is_index_1 = isinstance(tag, (int, float)) and not isinstance(tag, bool) and tag == 1
+    if is_index_1 or tag in ("person", "1"):
+        return None
+    return f"tag {json.dumps(tag)}"
+
+
 def load_detections(path: str, coco_gt: str = "", category_id: int = -1):
-    """({ID: (boxes abs xyxy, scores)}, {ID: (width, height)}) from odgt ``dtboxes`` lines, or
-    from a COCO results json whose image ids ``coco_gt`` maps to file names (ID = the stem)."""
+    """({ID: (boxes (D, 4) abs xyxy, scores (D,))}, {ID: (width, height)}) from odgt ``dtboxes``
+    lines (boxes ``[x, y, w, h]``, person tags only: see the module docstring), or from a COCO
+    results json whose image ids ``coco_gt`` maps to file names (ID = the stem).
+
+    Raises ValueError if every detection of the file is excluded (by tag, or by ``category_id``).
+    """
     detections: Dict[str, Tuple[list, list]] = {}
     sizes: Dict[str, Tuple[float, float]] = {}
+    excluded: Counter = Counter()  # {reason: count}
     if coco_gt:
         with open(coco_gt) as f:
             images = json.load(f)["images"]
@@ -227,20 +262,33 @@ def load_detections(path: str, coco_gt: str = "", category_id: int = -1):
             if r["image_id"] not in names:
                 raise ValueError(f"{path}: image_id {r['image_id']} is not in {coco_gt}")
             if category_id >= 0 and r.get("category_id") != category_id:
+                excluded[f"category_id {json.dumps(r.get('category_id'))}"] += 1
                 continue
             boxes, scores = detections.setdefault(names[r["image_id"]], ([], []))
             boxes.append(r["bbox"])
             scores.append(r["score"])
+        accepted = f"category_id {category_id}"
     else:
         for record in _read_odgt(path):
             image_id = str(record["ID"])
             boxes, scores = detections.setdefault(image_id, ([], []))
             for box in record.get("dtboxes", []):
-                if box.get("tag", "person") == "person":
-                    boxes.append(box["box"])
-                    scores.append(box["score"])
+                reason = _not_a_person(box)
+                if reason:
+                    excluded[reason] += 1
+                    continue
+                boxes.append(box["box"])
+                scores.append(box["score"])
             if "width" in record and "height" in record:
                 sizes[image_id] = (record["width"], record["height"])
+        accepted = 'no tag, "person" or 1'
+    kept, dropped = sum(len(s) for _, s in detections.values()), sum(excluded.values())
+    reasons = ", ".join(f"{n} with {why}" for why, n in excluded.most_common())
+    if dropped and not kept:  # an AP of 0 would hide the cause
+        raise ValueError(f"{path}: all {dropped} detections were excluded ({reasons}); accepted: {accepted}")
+    if dropped and not coco_gt:  # a category filter is the user's own choice, a tag is not
+        warnings.warn(f"{path}: excluded {dropped} of {kept + dropped} detections ({reasons});"
+                      f" accepted: {accepted}")
     as_arrays = {k: (_xywh_to_xyxy(b), np.asarray(s, dtype=np.float64)) for k, (b, s) in detections.items()}
     return as_arrays, sizes
 
@@ -255,7 +303,8 @@ def main(argv: Iterable[str] = None) -> int:
                         help="count images without any GT box (default: not counted, as CrowdHuman)")
     args = parser.parse_args(argv)
     detections, sizes = load_detections(args.dt, args.coco_gt, args.category_id)
-    ground_truth = load_odgt_ground_truth(args.gt, sizes)
+    detected_ids = {image_id for image_id, (_, scores) in detections.items() if len(scores)}
+    ground_truth = load_odgt_ground_truth(args.gt, sizes, detected_ids)
     result = evaluate_crowdhuman(ground_truth, detections, args.count_images_without_gt)
     print(json.dumps({k: round(v, 6) for k, v in result.items()}))
     return 0

@@ -3,6 +3,7 @@
 Boxes are abs xyxy unless a case writes odgt ``[x, y, w, h]``. With one image, FPPI = FP count.
 """
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -117,35 +118,115 @@ def test_image_without_people():
     assert evaluate_crowdhuman(gt, {**dt, "unknown": _dets(PEOPLE[:1], [1.0])}) == evaluate_crowdhuman(gt, dt)
 
 
-# The reference record of data_and_evaluation.md §2: mmdetection's CrowdHuman test annotation
+# The reference record: mmdetection's CrowdHuman test annotation
 # (tests/data/crowdhuman_dataset/test_annotation_train.odgt, Apache-2.0): 6 people and 1 mask.
 REFERENCE_FBOXES = [[1330, 317, 418, 1338], [792, 24, 723, 2017], [693, 291, 307, 894],
                     [522, 290, 285, 826], [728, 336, 175, 602], [92, 337, 267, 681]]  # fmt: skip
 REFERENCE_MASK = [1387, 353, 320, 285]
 
 
-def _reference_files(tmp_path):
-    boxes = [{"tag": "person", "fbox": b, "extra": {"box_id": i}} for i, b in enumerate(REFERENCE_FBOXES)]
-    boxes.append({"tag": "mask", "fbox": REFERENCE_MASK, "extra": {"ignore": 1}})
-    record = {"ID": "283554,35288000868e92d4", "width": 1800, "height": 2100, "gtboxes": boxes}
-    dtboxes = [{"box": [x + 5, y + 5, w, h], "score": s, "tag": "person"}
+REFERENCE_ID = "283554,35288000868e92d4"
+_ABSENT = object()
+
+
+def _reference_dtboxes(tags):
+    """The reference detections (8), the i-th tagged ``tags[i % len(tags)]`` (_ABSENT: no tag)."""
+    dtboxes = [{"box": [x + 5, y + 5, w, h], "score": s}
                for (x, y, w, h), s in zip(REFERENCE_FBOXES[:5], [0.9, 0.85, 0.8, 0.75, 0.7])]
     x, y, w, h = REFERENCE_FBOXES[0]
     dtboxes += [{"box": [1400, 360, 300, 270], "score": 0.95},  # inside the mask region
                 {"box": [1750, 0, 40, 40], "score": 0.5},  # nothing there
                 {"box": [x + 10, y, w, h], "score": 0.4}]  # duplicate of person 0
+    for i, box in enumerate(dtboxes):
+        if tags[i % len(tags)] is not _ABSENT:
+            box["tag"] = tags[i % len(tags)]
+    return dtboxes
+
+
+def _reference_files(tmp_path, tags=("person", _ABSENT), extra_dtboxes=(), sizes_in="gt"):
+    """GT and detection odgt files of the reference record; ``sizes_in`` names the file whose
+    line carries width / height ("gt" as in the mmdetection file, "dt" as in CrowdDet's)."""
+    boxes = [{"tag": "person", "fbox": b, "extra": {"box_id": i}} for i, b in enumerate(REFERENCE_FBOXES)]
+    boxes.append({"tag": "mask", "fbox": REFERENCE_MASK, "extra": {"ignore": 1}})
+    size = {"width": 1800, "height": 2100}
+    record = {"ID": REFERENCE_ID, **(size if sizes_in == "gt" else {}), "gtboxes": boxes}
+    dt_record = {"ID": REFERENCE_ID, **(size if sizes_in == "dt" else {}),
+                 "dtboxes": _reference_dtboxes(tags) + list(extra_dtboxes)}  # fmt: skip
     gt_file, dt_file = tmp_path / "gt.odgt", tmp_path / "dt.odgt"
     gt_file.write_text(json.dumps(record) + "\n")
-    dt_file.write_text(json.dumps({"ID": record["ID"], "dtboxes": dtboxes}) + "\n")
+    dt_file.write_text(json.dumps(dt_record) + "\n")
     return gt_file, dt_file
+
+
+def _run(capsys, gt_file, dt_file):
+    assert main(["--gt", str(gt_file), "--dt", str(dt_file)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+REFERENCE_RESULT = {"AP": 2 / 3, "mMR": 1 / 6, "Recall": 5 / 6}
 
 
 def test_reference_vector_through_the_command_line(tmp_path, capsys):
     gt_file, dt_file = _reference_files(tmp_path)
-    assert main(["--gt", str(gt_file), "--dt", str(dt_file)]) == 0
-    result = json.loads(capsys.readouterr().out)
     # Published for this vector: AP 0.6667, mMR 0.1667, Recall 0.8333 (5 of 6 people found).
-    assert result == pytest.approx({"AP": 2 / 3, "mMR": 1 / 6, "Recall": 5 / 6}, abs=1e-6)
+    assert _run(capsys, gt_file, dt_file) == pytest.approx(REFERENCE_RESULT, abs=1e-6)
+
+
+@pytest.mark.parametrize("tags", [(1,), ("person",), (_ABSENT,), ("1",), (1.0,), (1, "person", _ABSENT)],
+                         ids=["CrowdDet 1", "person", "absent", "string 1", "float 1", "mixed"])  # fmt: skip
+def test_every_person_tag_convention_gives_the_same_numbers(tmp_path, capsys, tags):
+    # CrowdDet's layout: the sizes are on the detection lines, annotation_val.odgt has none.
+    gt_file, dt_file = _reference_files(tmp_path, tags, sizes_in="dt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*excluded")
+        assert _run(capsys, gt_file, dt_file) == pytest.approx(REFERENCE_RESULT, abs=1e-6)
+
+
+def test_other_tags_are_excluded_with_a_warning(tmp_path, capsys):
+    # Each of these would change the numbers if it were taken as a person: the first three find the
+    # missed person 5 at the top score (Recall 1), the last is a top-score false positive.
+    x, y, w, h = REFERENCE_FBOXES[5]
+    others = [{"box": [x, y, w, h], "score": 0.99, "tag": tag} for tag in (2, True, "mask")]
+    others.append({"box": [0, 0, 50, 50], "score": 0.98, "tag": 2})
+    gt_file, dt_file = _reference_files(tmp_path, (1,), others, sizes_in="dt")
+    with pytest.warns(UserWarning) as record:
+        result = _run(capsys, gt_file, dt_file)
+    assert result == pytest.approx(REFERENCE_RESULT, abs=1e-6)
+    [warning] = [str(w.message) for w in record if "excluded" in str(w.message)]
+    assert warning.startswith(f"{dt_file}: excluded 4 of 12 detections (2 with tag 2, 1 with tag true, "
+                              '1 with tag "mask")')  # fmt: skip
+
+
+def test_a_file_without_any_person_is_an_error(tmp_path):
+    gt_file, dt_file = _reference_files(tmp_path, (2, "mask"), sizes_in="dt")
+    with pytest.raises(ValueError, match=rf"{dt_file}: all 8 detections were excluded \(4 with tag 2, 4 with"):
+        main(["--gt", str(gt_file), "--dt", str(dt_file)])
+
+
+def test_ground_truth_without_sizes_and_an_image_without_detections(tmp_path, capsys):
+    people_b = [[20, 10, 30, 60], [100, 10, 30, 60]]  # odgt xywh, 2 people never detected
+    gt_lines = [{"ID": "a", "gtboxes": [{"tag": "person", "fbox": [x1, y1, x2 - x1, y2 - y1]}
+                                        for x1, y1, x2, y2 in PEOPLE[:2]]},
+                {"ID": "b", "gtboxes": [{"tag": "person", "fbox": b} for b in people_b]}]  # fmt: skip
+    dtboxes = [{"box": [10, 10, 30, 80], "score": 0.9, "tag": 1},  # person a0
+               {"box": [150, 0, 20, 20], "score": 0.8, "tag": 1},  # nothing there
+               {"box": [60, 10, 30, 80], "score": 0.7, "tag": 1}]  # person a1
+    gt_file, dt_file = tmp_path / "gt.odgt", tmp_path / "dt.odgt"
+    gt_file.write_text("".join(json.dumps(line) + "\n" for line in gt_lines))
+    dt_file.write_text(json.dumps({"ID": "a", "width": 200, "height": 100, "dtboxes": dtboxes}) + "\n")
+    # TP, FP, TP over 4 people and 2 images (b counts, all its people missed): recall .25 .25 .5,
+    # precision 1 .5 2/3, AP = .25 (2/3 + .5) / 2 = 7/48. FPPI 0 .5 .5, miss .75 .75 .5: the 7
+    # references <= .5 are first reached at position 1 (miss .75), 0.5623 and 1 never (last
+    # position, miss .5): mMR = .75^(7/9) .5^(2/9). Were b left out: Recall 1, AP 7/24, mMR .5.
+    expected = {"AP": 7 / 48, "mMR": 0.75 ** (7 / 9) * 0.5 ** (2 / 9), "Recall": 0.5}
+    assert _run(capsys, gt_file, dt_file) == pytest.approx(expected, abs=1e-6)
+    # b on a line of its own without boxes is the same as b missing from the file.
+    dt_file.write_text(dt_file.read_text() + json.dumps({"ID": "b", "dtboxes": []}) + "\n")
+    assert _run(capsys, gt_file, dt_file) == pytest.approx(expected, abs=1e-6)
+    # An image with detections still needs a size to clip them.
+    dt_file.write_text(json.dumps({"ID": "a", "dtboxes": dtboxes}) + "\n")
+    with pytest.raises(ValueError, match="no image size for 'a'"):
+        main(["--gt", str(gt_file), "--dt", str(dt_file)])
 
 
 def test_coco_results_json_through_the_command_line(tmp_path, capsys):
@@ -162,6 +243,9 @@ def test_coco_results_json_through_the_command_line(tmp_path, capsys):
     assert main(args) == 0
     # All 6 people found at precision 1: AP = 5/6 (the first 1/6 of recall is not counted).
     assert json.loads(capsys.readouterr().out) == pytest.approx({"AP": 5 / 6, "mMR": 0.0, "Recall": 1.0})
+    # A category that no result has is an error, not an AP of 0.
+    with pytest.raises(ValueError, match=r"all 7 detections were excluded \(6 with category_id 1, 1 with"):
+        main(args[:-1] + ["3"])
     with pytest.raises(ValueError, match="image_id 7"):
         (tmp_path / "coco.json").write_text(json.dumps({"images": []}))
         main(args)

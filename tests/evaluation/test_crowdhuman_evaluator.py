@@ -9,6 +9,7 @@ from detectron2.structures import Boxes, Instances
 from diffusiondet.data.datasets import register_coco_json
 from diffusiondet.engine import Trainer
 from diffusiondet.evaluation import CrowdHumanEvaluator
+from diffusiondet.evaluation.crowdhuman import main as crowdhuman_cli
 from tests.utils import tiny_cfg
 
 
@@ -41,7 +42,7 @@ def _output(boxes, scores, classes=None):
     return {"instances": inst}
 
 
-def test_evaluator_metrics_and_saved_detections(dataset, tmp_path):
+def test_evaluator_metrics_and_saved_detections(dataset, tmp_path, capsys):
     evaluator = Trainer.build_evaluator(tiny_cfg(), "crowdhuman_eval_test", str(tmp_path))
     assert isinstance(evaluator, CrowdHumanEvaluator)
     evaluator.reset()
@@ -56,10 +57,25 @@ def test_evaluator_metrics_and_saved_detections(dataset, tmp_path):
     # AP = .5 (2/3 + .5) / 2 = 7/24; FPPI 0, .5, .5: references <= .5 are first reached at
     # position 1 (miss .5), 0.5623 .. 1 never (last position, miss 0): mMR = 0.
     assert result == pytest.approx({"AP50": 100 * 7 / 24, "mMR": 0.0, "Recall": 100.0})
-    with open(os.path.join(tmp_path, "crowdhuman_detections.json")) as f:
-        saved = json.load(f)
-    assert saved[0] == {"ID": "1", "dtboxes": [{"box": [0, 5, 20, 70], "score": pytest.approx(0.9)},
-                                                {"box": [65, 5, 30, 30], "score": pytest.approx(0.95)}]}
+    # CrowdDet's result format: one odgt line per image, xywh boxes, tag 1 (person), image size.
+    saved_file = os.path.join(tmp_path, "crowdhuman_detections.odgt")
+    with open(saved_file) as f:
+        saved = [json.loads(line) for line in f]
+    assert [line["ID"] for line in saved] == ["1", "2", "3"]
+    assert saved[0] == {"ID": "1", "width": 100, "height": 80, "dtboxes": [
+        {"box": [0, 5, 20, 70], "score": pytest.approx(0.9), "tag": 1},
+        {"box": [65, 5, 30, 30], "score": pytest.approx(0.95), "tag": 1}]}  # fmt: skip
+    assert (saved[2]["width"], saved[2]["height"]) == (50, 50)
+    # Round trip: the same ground truth as CrowdHuman's odgt (no sizes, the crowd box as a "mask"
+    # region, image 3 absent) and the saved file through the command line give the same numbers.
+    gt_lines = [{"ID": "1", "gtboxes": [{"tag": "person", "fbox": [-10, 5, 30, 70]},
+                                        {"tag": "mask", "fbox": [60, 0, 40, 40]}]},
+                {"ID": "2", "gtboxes": [{"tag": "person", "fbox": [10, 20, 30, 40]}]}]  # fmt: skip
+    (tmp_path / "gt.odgt").write_text("".join(json.dumps(line) + "\n" for line in gt_lines))
+    assert crowdhuman_cli(["--gt", str(tmp_path / "gt.odgt"), "--dt", saved_file]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    printed = {"AP": result["AP50"] / 100, "mMR": result["mMR"] / 100, "Recall": result["Recall"] / 100}
+    assert from_file == pytest.approx(printed, abs=1e-6)
 
 
 def test_only_the_person_class_is_evaluated(dataset):
