@@ -9,7 +9,7 @@ from .box_signal import (
 )
 from .corruption import PADDING_STRATEGIES, CorruptedBoxes, corrupt_boxes, pad_boxes
 from .ddim import ddim_coefficients, ddim_step, ddim_time_pairs, predict_noise_from_start
-from .random_source import RandomSource, ReplayRandom, TorchRandom
+from .random_source import RandomSource, ReplayRandom, TorchRandom, seeded_source
 from .renewal import compact_kept_first, masked_renew_and_step, renew_and_step
 from .schedule import (
     DIFFUSION_BUFFER_NAMES,
@@ -38,6 +38,7 @@ __all__ = [
     "extract_per_sample",
     "normalized_cxcywh_to_signal",
     "pad_boxes",
+    "seeded_source",
     "predict_noise_from_start",
     "q_sample",
     "masked_renew_and_step",

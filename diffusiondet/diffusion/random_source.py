@@ -7,7 +7,8 @@ batch can own its own stream (a batch then gives the same result as its images r
 
 Shapes are whatever the caller requests; this module has no shape conventions of its own.
 """
-from typing import Optional, Sequence, Tuple, Union
+import zlib
+from typing import Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -71,6 +72,13 @@ class TorchRandom(RandomSource):
 
     def randperm(self, n: int) -> Tensor:
         return torch.randperm(n, generator=self.generator, device=self.device, dtype=torch.long)
+
+
+def seeded_source(seed: int, key: Hashable) -> TorchRandom:
+    """A CPU ``TorchRandom`` whose stream is a function of (``seed``, ``key``) alone, e.g. the
+    sampling noise of one image (key = its image id) whatever batch or order it comes in."""
+    mixed = zlib.crc32(f"{seed}/{key}".encode())
+    return TorchRandom(generator=torch.Generator().manual_seed(mixed))
 
 
 class ReplayRandom(RandomSource):

@@ -90,8 +90,14 @@ class DiffusionDetCheckpointer(DetectionCheckpointer):
     """
 
     _loading = None  # the path being loaded, for messages
+    # ``collect_state() -> dict``, called on every rank at every save (it may run collectives);
+    # its result is stored at the checkpoint's top level. The trainer sets it to gather the RNG
+    # states of all ranks and the data position (``docs/reproducibility.md``).
+    collect_state = None
 
     def save(self, name: str, **kwargs) -> None:
+        if self.collect_state is not None:
+            kwargs = {**self.collect_state(), **kwargs}
         if not self.save_dir or not self.save_to_disk or _is_remote(self.save_dir):
             return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}

@@ -45,11 +45,15 @@ class SkipNonFiniteTrainer(SimpleTrainer):
         self.loss_hook = None
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
+        # Batches taken from the loader, skipped steps included: the loader position that the
+        # trainer's checkpoints store and a resumed run continues from (Trainer.resume_or_load).
+        self.batches_consumed = 0
 
     def run_step(self):
         assert self.model.training, "[SkipNonFiniteTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
+        self.batches_consumed += 1
         data_time = time.perf_counter() - start
 
         loss_dict = self.model(data)
@@ -97,8 +101,11 @@ class SkipNonFiniteTrainer(SimpleTrainer):
     def state_dict(self):
         ret = super().state_dict()
         ret["nonfinite_steps"] = self.nonfinite_steps
+        ret["nonfinite_in_a_row"] = self._nonfinite_in_a_row
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        self.nonfinite_steps = state_dict.get("nonfinite_steps", 0)  # absent in older checkpoints
+        # Absent in older checkpoints (the trainer then warns that the trajectory will differ).
+        self.nonfinite_steps = state_dict.get("nonfinite_steps", 0)
+        self._nonfinite_in_a_row = state_dict.get("nonfinite_in_a_row", 0)

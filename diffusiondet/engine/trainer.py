@@ -5,12 +5,15 @@ import os
 import weakref
 
 import detectron2.engine.defaults as d2_defaults
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 
 from ..data import DiffusionDetDatasetMapper
+from ..data.resumable_loader import build_resumable_train_loader, set_loader_position
+from ..utils.rng_state import capture_rng_state, preserved_rng_state, restore_rng_state
 from ..evaluation import ClassMappingEvaluator, CrowdHumanEvaluator, parse_class_mapping
 from ..evaluation.lvis_compat import ensure_lvis_numpy_compat
 from .checkpoint import DiffusionDetCheckpointer
@@ -43,10 +46,15 @@ def _ddp_on_any_device():
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the DiffusionDet mapper, optimizer and evaluators, atomic checkpoints
-    and weights-fit checks (:class:`DiffusionDetCheckpointer`), and skipped non-finite steps
-    (:class:`SkipNonFiniteTrainer`, SOLVER.MAX_NONFINITE_STEPS)."""
+    and weights-fit checks (:class:`DiffusionDetCheckpointer`), skipped non-finite steps
+    (:class:`SkipNonFiniteTrainer`, SOLVER.MAX_NONFINITE_STEPS), and runs that are a function of
+    ``SEED``: seeded before the model is built, a training loader whose position is one number,
+    and checkpoints that store every rank's RNG states and that position, so that ``--resume``
+    continues the uninterrupted run bit for bit (``docs/reproducibility.md``)."""
 
     def __init__(self, cfg):
+        if cfg.SEED >= 0:  # before the model exists: its initial weights are the seed's
+            seed_all_rng(cfg.SEED + comm.get_rank())
         with _ddp_on_any_device():
             super().__init__(cfg)
 
@@ -63,7 +71,55 @@ class Trainer(DefaultTrainer):
         self.checkpointer = DiffusionDetCheckpointer(
             step.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        self.checkpointer.collect_state = self.run_state
+        hook_list = super().build_hooks()
+        if not comm.is_main_process():
+            # detectron2 checkpoints from the main process only, but gathering the RNG states
+            # of every rank is a collective: the other ranks get the same hook (their
+            # checkpointer writes nothing), before the evaluation hook as on the main process,
+            # so that every rank enters the collectives in the same order.
+            at = next((i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook)), len(hook_list))
+            hook_list.insert(at, hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        return hook_list
+
+    def run_state(self) -> dict:
+        """What a checkpoint needs beyond the trainer's state dict to continue the run exactly:
+        the RNG states of every rank (a collective: every rank calls this at every save) and
+        the number of batches taken from the training loader."""
+        position = getattr(self._trainer, "batches_consumed", self.iter + 1)
+        return {"rng_states": comm.all_gather(capture_rng_state()), "data_position": position}
+
+    def resume_or_load(self, resume=True):
+        """As detectron2's, and a resumed run also gets back its RNG states and data position."""
+        checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            # The checkpoint stores the iteration that had just finished.
+            self.start_iter = self.iter + 1
+            self._restore_run_state(checkpoint)
+
+    def _restore_run_state(self, checkpoint: dict) -> None:
+        path = self.checkpointer.get_checkpoint_file()
+        states, position = checkpoint.get("rng_states"), checkpoint.get("data_position")
+        world = comm.get_world_size()
+        if states is None or position is None:
+            logger.warning(
+                "%s has no RNG states or data position (written by an older version): training "
+                "resumes at iteration %d, but its trajectory will differ from an uninterrupted run",
+                path, self.start_iter,
+            )
+            position = self.start_iter
+        elif len(states) != world:
+            logger.warning(
+                "%s was written by %d processes and is resumed by %d: the data position is kept, "
+                "but the random draws restart and the trajectory will differ from an uninterrupted run",
+                path, len(states), world,
+            )
+        else:
+            restore_rng_state(states[comm.get_rank()])
+        if hasattr(self._trainer, "batches_consumed"):
+            self._trainer.batches_consumed = position
+        if not set_loader_position(self.data_loader, position):
+            logger.warning("The training loader is not resumable: the data order restarts from its beginning")
 
     @property
     def loss_hook(self):
@@ -75,13 +131,27 @@ class Trainer(DefaultTrainer):
         self._trainer.loss_hook = fn
 
     @property
+    def data_loader(self):
+        """The training loader (see ``build_train_loader``)."""
+        return self._trainer.data_loader
+
+    @property
     def nonfinite_steps(self) -> int:
         """Optimizer steps skipped so far because of a non-finite loss."""
         return getattr(self._trainer, "nonfinite_steps", 0)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DiffusionDetDatasetMapper(cfg, is_train=True))
+        # Every rank must shard the same stream: without SEED, rank 0 draws the seed for all.
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        return build_resumable_train_loader(cfg, DiffusionDetDatasetMapper(cfg, is_train=True), seed)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        # An evaluation during training must not shift the training's random draws: the run
+        # would then depend on EVAL_PERIOD, and a resumed run on where it was interrupted.
+        with preserved_rng_state():
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

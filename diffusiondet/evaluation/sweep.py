@@ -10,13 +10,10 @@ import json
 import logging
 import os
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Sequence
 
-import torch
-
-from ..diffusion import TorchRandom
+from ..diffusion import TorchRandom, seeded_source
 
 __all__ = ["Combination", "combinations", "image_rng", "primary_metric", "run_sweep"]
 
@@ -39,9 +36,9 @@ def combinations(steps: Iterable[int], boxes: Iterable[int], seeds: Iterable[int
 
 
 def image_rng(seed: int, image_id) -> TorchRandom:
-    """The noise source of one image under ``seed``: independent of batch size and image order."""
-    mixed = zlib.crc32(f"{seed}/{image_id}".encode())
-    return TorchRandom(generator=torch.Generator().manual_seed(mixed))
+    """The noise source of one image under ``seed``: independent of batch size and image order
+    (the one the model uses by itself at evaluation under ``SEED``)."""
+    return seeded_source(seed, image_id)
 
 
 def primary_metric(results: Dict[str, Dict[str, float]]) -> str:

@@ -16,7 +16,7 @@ import torch
 from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..diffusion import RandomSource
+from ..diffusion import RandomSource, seeded_source
 from ..options import INFERENCE_AMP_DTYPES
 
 __all__ = ["DiffusionInference", "ImageContext"]
@@ -58,13 +58,24 @@ class DiffusionInference:
 
         Args:
             rng / per_image_rng: optional injected randomness (replay, or per-image generators
-                so that a batch gives exactly the detections of each image alone).
+                so that a batch gives exactly the detections of each image alone). Without
+                either, ``image_noise_sources`` decides.
             do_postprocess: rescale to each input's "height"/"width" (otherwise network-input size).
         """
+        if rng is None and per_image_rng is None:
+            per_image_rng = self.image_noise_sources(batched_inputs)
         images, whwh, features = self.inference_features(batched_inputs)
         return self.sample_detections(
             batched_inputs, images, whwh, features, rng, per_image_rng, do_postprocess
         )
+
+    def image_noise_sources(self, batched_inputs: List[Dict]) -> Optional[List[RandomSource]]:
+        """One generator per image seeded by (``sampling_seed``, its ``image_id``): the same
+        weights and seed give the same detections at any batch size and in any order. None
+        (torch's global generator) without a seed or when an input has no ``image_id``."""
+        if self.sampling_seed < 0 or any("image_id" not in x for x in batched_inputs):
+            return None
+        return [seeded_source(self.sampling_seed, x["image_id"]) for x in batched_inputs]
 
     @torch.no_grad()
     def inference_features(self, batched_inputs: List[Dict]):

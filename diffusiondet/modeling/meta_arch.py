@@ -70,6 +70,7 @@ class DiffusionDet(DiffusionInference, nn.Module):
         inference_amp: str = "",
         compile_head: bool = False,
         fixed_shape_pooling: bool = False,
+        sampling_seed: int = -1,
     ):
         """
         Args:
@@ -90,6 +91,9 @@ class DiffusionDet(DiffusionInference, nn.Module):
             compile_head: ``torch.compile`` each head stage in place (state-dict keys unchanged).
             fixed_shape_pooling: CPU inference pools with the head's fixed-shape pooler (the graph
                 sampler always does).
+            sampling_seed: >= 0: inference draws each image's noise from a generator seeded by
+                (seed, image_id), so the detections of an image do not depend on the batch it
+                is in or on what ran before; < 0: from torch's global generator.
         """
         super().__init__()
         self.backbone = backbone
@@ -115,6 +119,7 @@ class DiffusionDet(DiffusionInference, nn.Module):
             )
         self.inference_amp = inference_amp
         self.fixed_shape_pooling = fixed_shape_pooling
+        self.sampling_seed = sampling_seed
         if compile_head:
             # Per stage: the pooler between stages has data-dependent shapes (level split).
             for stage in self.head.head_series:
@@ -149,6 +154,7 @@ class DiffusionDet(DiffusionInference, nn.Module):
             "inference_amp": d.INFERENCE_AMP,
             "compile_head": d.COMPILE_HEAD,
             "fixed_shape_pooling": d.FIXED_SHAPE_POOLING,
+            "sampling_seed": cfg.SEED,
         }
 
     @classmethod
