@@ -39,10 +39,11 @@ def eval_dataset(tmp_path_factory):
     return "eval_branches_val"
 
 
-class PerImageNoise(nn.Module):
-    """Runs the model with noise seeded by each input's image_id, and records the batch sizes.
+class RecordBatchSizes(nn.Module):
+    """Runs the model as evaluation does and records the batch sizes.
 
-    With its own noise per image, a batch must give the detections of its images run alone.
+    Under SEED the model draws each image's noise from (SEED, image_id): a batch must give the
+    detections of its images run alone.
     """
 
     def __init__(self, model):
@@ -52,9 +53,7 @@ class PerImageNoise(nn.Module):
 
     def forward(self, batched_inputs):
         self.batch_sizes.append(len(batched_inputs))
-        rngs = [TorchRandom(generator=torch.Generator().manual_seed(int(x["image_id"])))
-                for x in batched_inputs]  # fmt: skip
-        return self.model.inference(batched_inputs, per_image_rng=rngs)
+        return self.model(batched_inputs)
 
 
 def _evaluate(dataset, model, batch, output_dir):
@@ -66,7 +65,7 @@ def _evaluate(dataset, model, batch, output_dir):
         "TEST.IMS_PER_BATCH", batch, "OUTPUT_DIR", str(output_dir),
     )  # fmt: skip
     cfg.freeze()
-    wrapped = PerImageNoise(model)
+    wrapped = RecordBatchSizes(model)
     results = Trainer.test(cfg, wrapped)
     with open(output_dir / "inference" / dataset / "coco_instances_results.json") as f:
         detections = json.load(f)
@@ -77,10 +76,12 @@ def _evaluate(dataset, model, batch, output_dir):
 def test_batched_evaluation_equals_one_image_at_a_time(eval_dataset, tmp_path):
     torch.manual_seed(0)
     model = build_model(tiny_cfg("MODEL.DiffusionDet.NUM_CLASSES", 5)).eval()
+    assert model.sampling_seed == 40244023  # the config's SEED
     metrics_1, dets_1, sizes_1 = _evaluate(eval_dataset, model, 1, tmp_path / "b1")
-    metrics_2, dets_2, sizes_2 = _evaluate(eval_dataset, model, 2, tmp_path / "b2")
-    # The loader really batched: 5 images as 2 + 2 + 1 instead of 5 x 1.
-    assert sizes_1 == [1] * 5 and sizes_2 == [2, 2, 1]
+    torch.manual_seed(1)  # the global generator plays no part
+    metrics_2, dets_2, sizes_2 = _evaluate(eval_dataset, model, 4, tmp_path / "b4")
+    # The loader really batched: 5 images as 4 + 1 instead of 5 x 1.
+    assert sizes_1 == [1] * 5 and sizes_2 == [4, 1]
 
     def per_image(dets):
         images = {}
@@ -95,8 +96,8 @@ def test_batched_evaluation_equals_one_image_at_a_time(eval_dataset, tmp_path):
         # No score threshold: up to 2 calls x 30 candidates per image, minus NMS.
         assert 5 <= len(one) <= 60 and len(two) == len(one), image_id
         assert [d["category_id"] for d in two] == [d["category_id"] for d in one], image_id
-        # Batch 2 changes GEMM row counts, so the last float bits may differ (as in
-        # tests/modeling/test_fast_paths.py), and two calls amplify that: measured max |Δbox|
+        # Batching changes GEMM row counts, so the last float bits may differ (as in
+        # tests/modeling/test_fast_paths.py), and two calls amplify that: measured (batch 2) max |Δbox|
         # 1.0e-3 px (AVX-512) and 1.9e-3 px (AVX2 one thread) for boxes of ~20 px in the
         # original 80 x 48 image, max |Δscore| 1.0e-6.
         torch.testing.assert_close(
