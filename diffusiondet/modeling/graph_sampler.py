@@ -101,7 +101,7 @@ class GraphBoxSampler(DDIMBoxSampler):
         x0 = torch.clamp(x0, min=-self.snr_scale, max=self.snr_scale)
         # ε̂ from the unclamped x as in the parity mode, in float64 like its ᾱ buffer.
         eps = (coefficients[0] * x.double() - x0.double()) / coefficients[1]
-        scores = self._proposal_scores(outputs["pred_logits"])
+        scores = self.proposal_scores(outputs["pred_logits"])
         x_next = masked_renew_and_step(
             x0, eps.to(x.dtype), scores, self.renewal_threshold,
             (coefficients[2], coefficients[3], coefficients[4]), ddim_noise, refill,

@@ -19,7 +19,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from ..diffusion import RandomSource, seeded_source
 from ..options import INFERENCE_AMP_DTYPES
 
-__all__ = ["DiffusionInference", "ImageContext"]
+__all__ = ["DiffusionInference", "ImageContext", "to_fp32"]
 
 
 @dataclass
@@ -113,7 +113,7 @@ class DiffusionInference:
             if not self.inference_amp:
                 return out
             # Scores, renewal and NMS stay in fp32: bf16 logits would tie many scores.
-            return {k: _to_fp32(v) for k, v in out.items()}
+            return {k: to_fp32(v) for k, v in out.items()}
 
         self.head.use_fixed_shape_pooling(self.pools_with_fixed_shapes())
         try:
@@ -148,7 +148,7 @@ class DiffusionInference:
         once per batch (they depend on neither the boxes nor t)."""
         with self.inference_autocast():
             per_image = self.head.per_image_outputs(features)
-        per_image = {k: _to_fp32(v) for k, v in per_image.items()}
+        per_image = {k: to_fp32(v) for k, v in per_image.items()}
         padded = tuple(images.tensor.shape[-2:])
         contexts = []
         for b, (x, size) in enumerate(zip(batched_inputs, images.image_sizes)):
@@ -212,5 +212,6 @@ class DiffusionInference:
         return inst
 
 
-def _to_fp32(value):
+def to_fp32(value):
+    """A floating tensor as float32 (AMP outputs); anything else unchanged."""
     return value.float() if torch.is_tensor(value) and value.is_floating_point() else value

@@ -104,11 +104,12 @@ class DynamicKMatcher:
             in query order, the index into that image's GT list of each positive's GT.
         """
         dtype = cost_dtype(pred_logits, pred_boxes)  # upcast before the sigmoid: fp16 underflows
-        probs = self._class_probabilities(pred_logits.to(dtype))  # (B, N, K) or (B, N, K + 1)
+        probs = self.class_probabilities(pred_logits.to(dtype))  # (B, N, K) or (B, N, K + 1)
         pred_boxes = pred_boxes.to(dtype)
         return [self.match_image(p, b, t) for p, b, t in zip(probs, pred_boxes, targets)]
 
-    def _class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+    def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sigmoid probabilities (focal / federated), else a softmax over the K + 1 logits."""
         if self.use_focal or self.use_fed_loss:
             return logits.sigmoid()
         return logits.softmax(-1)
@@ -135,19 +136,19 @@ class DynamicKMatcher:
                 torch.zeros(0, dtype=torch.long, device=boxes.device),
             )
         image_size = target["image_size_xyxy"].to(boxes)  # (4,) w, h, w, h
-        is_candidate, in_box_and_center = self._center_prior(boxes, gt_boxes)  # (N,), (N, G)
+        is_candidate, in_box_and_center = self.center_prior(boxes, gt_boxes)  # (N,), (N, G)
 
         ordered = order_box_corners(boxes)  # GIoU/IoU must not crash on inverted boxes (#60)
         cost = (
             self.cost_bbox * torch.cdist(boxes / image_size, gt_boxes / image_size, p=1)
-            + self.cost_class * self._class_cost(probs, gt_labels)
+            + self.cost_class * self.class_cost(probs, gt_labels)
             + self.cost_giou * -generalized_box_iou(ordered, gt_boxes)
             + self.not_in_both_cost * (~in_box_and_center).to(boxes.dtype)
         )  # (N, G)
         cost[~is_candidate] += self.not_fg_cost
         return self.assign(cost, box_iou(ordered, gt_boxes))
 
-    def _class_cost(self, probs: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
+    def class_cost(self, probs: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
         """(N, G) classification cost of giving each query each GT's class."""
         p = probs[:, gt_labels]  # (N, G)
         if not (self.use_focal or self.use_fed_loss):
@@ -161,7 +162,7 @@ class DynamicKMatcher:
         neg = neg_weight * p**gamma * -(1 - p + 1e-8).log()
         return pos - neg
 
-    def _center_prior(self, boxes: torch.Tensor, gt_boxes: torch.Tensor):
+    def center_prior(self, boxes: torch.Tensor, gt_boxes: torch.Tensor):
         """Candidate mask (N,) and per-pair "inside GT box and near GT centre" mask (N, G)."""
         cx = ((boxes[:, 0] + boxes[:, 2]) / 2)[:, None]  # (N, 1)
         cy = ((boxes[:, 1] + boxes[:, 3]) / 2)[:, None]

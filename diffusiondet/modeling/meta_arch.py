@@ -36,7 +36,7 @@ from . import builders
 from .backbone.frozen_bn_folding import fold_frozen_batchnorm_at_inference
 from .criterion import SetCriterion
 from .head import DynamicHead
-from .inference import DiffusionInference, ImageContext, _to_fp32  # noqa: F401  (re-exported)
+from .inference import DiffusionInference, ImageContext, to_fp32  # noqa: F401  (re-exported)
 from .sampler import DDIMBoxSampler
 
 __all__ = ["DiffusionDet", "INFERENCE_AMP_DTYPES", "ImageContext"]

@@ -120,7 +120,7 @@ class DDIMBoxSampler:
         steps = self.steps if steps is None else steps
         return steps - 1 if self.skip_unused_calls and self._last_call_unused(steps) else steps
 
-    def _proposal_scores(self, logits: Tensor) -> Tensor:
+    def proposal_scores(self, logits: Tensor) -> Tensor:
         """(B, N) confidence used by box renewal: the best class probability of each proposal."""
         if self.use_focal:
             return torch.sigmoid(logits).max(dim=-1).values
@@ -210,7 +210,7 @@ class DDIMBoxSampler:
             x = renew_and_step(
                 x0,
                 eps,
-                self._proposal_scores(logits),
+                self.proposal_scores(logits),
                 self.renewal_threshold,
                 float(alphas_cumprod[t]),
                 float(alphas_cumprod[t_next]),

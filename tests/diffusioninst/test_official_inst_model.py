@@ -18,7 +18,7 @@ from diffusiondet.modeling.matcher import DynamicKMatcher
 from diffusiondet.modeling.sampler import DDIMBoxSampler
 from diffusioninst.modeling import DiffusionInst, DiffusionInstHead, MaskSetCriterion
 
-from ..modeling.test_official_sampling_golden import _match_detections
+from ..modeling.test_official_sampling_golden import match_detections
 
 pytestmark = pytest.mark.numerics
 
@@ -175,7 +175,7 @@ def test_sampling_gives_the_recorded_detections_and_masks(inst_parity, steps):
     ours = (inst.pred_boxes.tensor, inst.scores, inst.pred_classes)
     rec = (record["boxes"], record["scores"], record["classes"])
     assert len(inst) == len(record["scores"])
-    matches = _match_detections(ours, rec, DET_SCORE_ATOL)
+    matches = match_detections(ours, rec, DET_SCORE_ATOL)
     assert None not in matches
     ious = []
     for i, j in enumerate(matches):

@@ -152,7 +152,7 @@ class _RecordingZeros(RandomSource):
 
 def test_softmax_renewal_score_excludes_the_background_column():
     sampler = DDIMBoxSampler(steps=2, use_focal=False, renewal_threshold=0.5)
-    scores = sampler._proposal_scores(SOFTMAX_LOGITS)
+    scores = sampler.proposal_scores(SOFTMAX_LOGITS)
     torch.testing.assert_close(scores, torch.tensor([_hand_softmax_foreground_max()]), atol=1e-6, rtol=0)
 
     # The renewal decision: proposals 0, 2, 4 score > 0.5 and are kept (DDIM-stepped, in order,

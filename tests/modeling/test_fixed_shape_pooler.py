@@ -22,7 +22,7 @@ from torch._dynamo.backends.common import aot_autograd
 from diffusiondet.modeling.head.fixed_shape_pooler import (
     FixedShapeROIPooler,
     PackedFeatures,
-    _weighted_gather,
+    weighted_gather,
     assign_levels,
 )
 
@@ -154,8 +154,8 @@ def test_feature_gradients_match_and_boxes_get_none(fused, monkeypatch):
     import diffusiondet.modeling.head.fixed_shape_pooler as module
 
     # Both kernels: the fused embedding_bag (CPU) and the per-tap gather (every other device).
-    kernel = lambda t, i, w: _weighted_gather(t, i, w, fused)  # noqa: E731
-    monkeypatch.setattr(module, "_weighted_gather", kernel)
+    kernel = lambda t, i, w: weighted_gather(t, i, w, fused)  # noqa: E731
+    monkeypatch.setattr(module, "weighted_gather", kernel)
     weight = torch.randn(80, CHANNELS, 7, 7, generator=torch.Generator().manual_seed(2))
     grads = []
     for run in (_reference, _pooler()):
@@ -177,7 +177,7 @@ def test_compiles_fullgraph_without_sync_ops():
     assert torch.equal(compiled(packed, boxes), pooler(packed, boxes))
     # The per-tap kernel (every non-CPU device) with its backward.
     gather = torch.compile(
-        lambda t, i, w: _weighted_gather(t, i, w, fused=False), fullgraph=True,
+        lambda t, i, w: weighted_gather(t, i, w, fused=False), fullgraph=True,
         backend=_op_recorder(ops),
     )
     table = packed.table.clone().requires_grad_()

@@ -90,9 +90,9 @@ def test_the_fp16_inputs_do_break_an_fp16_class_cost():
     """The test inputs exercise the hazard: computed in fp16, the class cost is not finite."""
     logits, _, target = make_inputs(0)
     probs16 = logits[0].half().sigmoid()
-    cost16 = DynamicKMatcher()._class_cost(probs16, target["labels"])
+    cost16 = DynamicKMatcher().class_cost(probs16, target["labels"])
     assert not torch.isfinite(cost16).all()
-    cost32 = DynamicKMatcher()._class_cost(logits[0].half().float().sigmoid(), target["labels"])
+    cost32 = DynamicKMatcher().class_cost(logits[0].half().float().sigmoid(), target["labels"])
     assert torch.isfinite(cost32).all()
 
 

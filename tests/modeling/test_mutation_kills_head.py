@@ -73,7 +73,7 @@ def test_worker_pool_is_created_on_first_use_and_reused(monkeypatch):
         assert torch.equal(pooler(features, boxes), serial(features, boxes))
     first = threaded_pooler._executor[1]
     try:
-        assert first is not None and threaded_pooler._shared_executor(1) is first
+        assert first is not None and threaded_pooler.shared_executor(1) is first
     finally:
         first.shutdown(wait=True)  # monkeypatch restores the previous pool
 

@@ -9,7 +9,7 @@ from torch import nn
 from detectron2.modeling import build_model
 
 from diffusiondet.diffusion import RandomSource, cosine_beta_schedule, diffusion_buffers
-from diffusiondet.modeling.meta_arch import _to_fp32
+from diffusiondet.modeling.meta_arch import to_fp32
 from diffusiondet.modeling.postprocess import cap_detections
 from diffusiondet.modeling.sampler import DDIMBoxSampler
 from tests.utils import random_input, tiny_cfg
@@ -55,10 +55,10 @@ def test_inference_autocast_uses_the_configured_dtype(model, amp, dtype):
 
 
 def test_amp_outputs_cast_only_floating_tensors_to_fp32():
-    assert _to_fp32(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert to_fp32(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
     labels = torch.tensor([1, 2])
-    assert _to_fp32(labels) is labels
-    assert _to_fp32("not a tensor") == "not a tensor"
+    assert to_fp32(labels) is labels
+    assert to_fp32("not a tensor") == "not a tensor"
 
 
 class _RecordingRandom(RandomSource):

@@ -48,7 +48,7 @@ def test_centre_prior_is_strict_on_every_edge():
         (-29, 40),  # just inside the centre region
     ]
     boxes = torch.tensor([[x - 1.0, y - 1.0, x + 1.0, y + 1.0] for x, y in centres])
-    is_candidate, in_both = DynamicKMatcher()._center_prior(boxes, gt)
+    is_candidate, in_both = DynamicKMatcher().center_prior(boxes, gt)
     assert is_candidate.tolist() == [True] * 5 + [False] * 4 + [True]
     assert in_both[:, 0].tolist() == [True] + [False] * 9
 
@@ -63,17 +63,17 @@ def test_classification_costs_of_the_three_variants():
         neg = neg_w * q**gamma * -torch.log(1 - q + 1e-8)
         return pos - neg
 
-    focal = DynamicKMatcher(focal_alpha=0.3, focal_gamma=1.5)._class_cost(p, labels)
+    focal = DynamicKMatcher(focal_alpha=0.3, focal_gamma=1.5).class_cost(p, labels)
     torch.testing.assert_close(focal, bce_form(0.3, 0.7, 1.5), rtol=1e-6, atol=0)
-    fed = DynamicKMatcher(use_focal=False, use_fed_loss=True)._class_cost(p, labels)
+    fed = DynamicKMatcher(use_focal=False, use_fed_loss=True).class_cost(p, labels)
     torch.testing.assert_close(fed, bce_form(1.0, 1.0, 0.0), rtol=1e-6, atol=0)
-    softmax = DynamicKMatcher(use_focal=False)._class_cost(p, labels)
+    softmax = DynamicKMatcher(use_focal=False).class_cost(p, labels)
     assert torch.equal(softmax, -q)
 
 
 def test_softmax_matcher_normalises_over_the_classes_of_each_query():
     logits = torch.tensor([[[3.0, 3.0, 0.0], [2.0, 0.0, 0.0]]])
-    probs = DynamicKMatcher(use_focal=False)._class_probabilities(logits)
+    probs = DynamicKMatcher(use_focal=False).class_probabilities(logits)
     torch.testing.assert_close(probs, logits.softmax(-1))
     # Same boxes: the query with the higher class-0 probability (the second) takes the GT.
     boxes = torch.tensor([[[40.0, 40.0, 60.0, 60.0], [40.0, 40.0, 60.0, 60.0]]])

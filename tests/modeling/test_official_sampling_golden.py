@@ -45,7 +45,7 @@ HEAD_BOX_ATOL = 5e-3  # px; measured 8.4e-4 / 3.7e-4 / 6.0e-4
 INPUT_ATOL = 2e-2  # px; measured 1.1e-3 / 1.6e-3 / 3.2e-3
 LOGIT_ATOL = 5e-2  # measured 2.7e-3 / 4.8e-3 / 7.7e-3
 BOX_ATOL = 0.3  # px; measured 1.3e-2 / 5.1e-2 / 2.1e-2 (boxes span ~200 px)
-# Final detections (clipped to the image, matched as in _match_detections).
+# Final detections (clipped to the image, matched as in match_detections).
 DET_BOX_ATOL = 0.2  # px; measured 5.0e-3 / 3.2e-2 / 2.0e-3
 DET_SCORE_ATOL = 2e-3  # measured 8.3e-5 / 2.7e-4 / 1.5e-4
 
@@ -140,7 +140,7 @@ def _max_abs(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def _match_detections(ours, record, score_atol):
+def match_detections(ours, record, score_atol):
     """Pair every recorded detection with one of ours, robust to near-tied scores.
 
     Both lists are sorted by score, but scores closer than the rounding noise (the recording
@@ -210,7 +210,7 @@ def test_final_detections_match_the_recording(free_run, parity_v2, steps, skip_u
     ours = (det.pred_boxes.tensor, det.scores, det.pred_classes)
     rec = (record["boxes"], record["scores"], record["classes"])
     assert len(det) == len(record["scores"]) > 0
-    matches = _match_detections(ours, rec, DET_SCORE_ATOL)
+    matches = match_detections(ours, rec, DET_SCORE_ATOL)
     assert None not in matches, f"unmatched recorded detections {matches}"
     box_diff = _max_abs(ours[0][matches], rec[0])
     score_diff = _max_abs(ours[1][matches], rec[1])

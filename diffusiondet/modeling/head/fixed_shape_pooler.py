@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FixedShapeROIPooler", "PackedFeatures", "assign_levels"]
+__all__ = ["FixedShapeROIPooler", "PackedFeatures", "assign_levels", "weighted_gather"]
 
 
 class PackedFeatures(NamedTuple):
@@ -96,7 +96,7 @@ def _axis_taps(lo, hi, size, bins: int, ratio: int, aligned: bool):
     return torch.stack([low, high], dim=-1).long(), weight
 
 
-def _weighted_gather(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, fused=None):
+def weighted_gather(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, fused=None):
     """out[p] = Σ_t weight[p, t] · table[index[p, t]]: (B·S, C), (P, T), (P, T) → (P, C).
 
     On CPU (``fused``) ``embedding_bag`` does all T taps in one kernel, 6x faster than the loop
@@ -217,5 +217,5 @@ class FixedShapeROIPooler(nn.Module):
         weight = weight * (keep.to(weight.dtype) / ratio**2).view(batch, num, *[1] * 6)
         index = index.reshape(batch * num * r_h * r_w, 4 * ratio**2)
         weight = weight.reshape(batch * num * r_h * r_w, 4 * ratio**2).to(table.dtype)
-        out = _weighted_gather(table, index, weight)
+        out = weighted_gather(table, index, weight)
         return out.view(batch * num, r_h, r_w, table.shape[1]).permute(0, 3, 1, 2)

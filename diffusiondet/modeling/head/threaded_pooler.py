@@ -23,13 +23,13 @@ from detectron2.modeling.poolers import (
 )
 from detectron2.structures import Boxes
 
-__all__ = ["ThreadedROIPooler"]
+__all__ = ["ThreadedROIPooler", "shared_executor"]
 
 _executor_lock = threading.Lock()
 _executor: Tuple[int, Optional[ThreadPoolExecutor]] = (0, None)
 
 
-def _shared_executor(num_workers: int) -> ThreadPoolExecutor:
+def shared_executor(num_workers: int) -> ThreadPoolExecutor:
     """A process-wide pool of at least ``num_workers`` threads, reused across calls."""
     global _executor
     with _executor_lock:
@@ -42,7 +42,7 @@ def _shared_executor(num_workers: int) -> ThreadPoolExecutor:
 
 def _run_parts(fn, parts) -> list:
     """``fn(part)`` for every part, the first on the calling thread, the rest on the pool."""
-    futures = [_shared_executor(len(parts) - 1).submit(fn, p) for p in parts[1:]]
+    futures = [shared_executor(len(parts) - 1).submit(fn, p) for p in parts[1:]]
     return [fn(parts[0])] + [future.result() for future in futures]
 
 
