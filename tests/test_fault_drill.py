@@ -1,4 +1,5 @@
-"""The fault drill (tools/fault_drill.py) in its fast mode, and its harness's verdicts."""
+"""The fault drill (tools/fault_drill.py, which runs tests/drill) in its fast mode, and its
+harness's verdicts."""
 import logging
 import os
 import re
@@ -7,10 +8,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-from drill.common import (  # noqa: E402
+from tests.drill.common import (
     Case,
     Silent,
     capture_logs,
@@ -20,6 +18,8 @@ from drill.common import (  # noqa: E402
     select,
     summary_line,
 )
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 # Every category but "distributed" (2-process runs, slow only) has fast cases.
 FAST_CATEGORIES = ("images", "annotations", "config_weights", "training", "evaluation")

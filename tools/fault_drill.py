@@ -7,48 +7,21 @@
 
 Prints one line per case and a summary ``tried N, handled N, silent 0``; exits 1 when any case is
 silent. See the README's "Reliability" section for the list of cases.
+
+The cases are a test harness and live with the tests (``tests/drill/``). A tool does not import
+the tests, so this command runs them as ``python -m tests.drill`` from the repository root (the
+root is what makes ``tests`` importable there) and passes its arguments and exit code through.
 """
-import argparse
-import logging
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from drill import annotations, config_weights, distributed, evaluation, images, training  # noqa: E402
-from drill.common import run_case, select, summary_line  # noqa: E402
-
-MODULES = (images, annotations, config_weights, training, distributed, evaluation)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def all_cases():
-    return [case for module in MODULES for case in module.CASES]
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--fast", action="store_true", help="skip the slow cases (training runs)")
-    parser.add_argument("--only", default=None, help="run the cases whose id contains this text")
-    parser.add_argument("--list", action="store_true", help="list the cases and exit")
-    args = parser.parse_args(argv)
-    cases = select(all_cases(), args.fast, args.only)
-    if args.list:
-        for case in cases:
-            print(case.id + ("  (slow)" if case.slow else ""))
-        return 0
-    # The project logs what it skips; keep the drill's own output to one line per case. Cases
-    # lower project loggers to capture their records, so the root handler filters on its own.
-    logging.basicConfig(level=logging.CRITICAL)
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.CRITICAL)
-    results = []
-    for case in cases:
-        result = run_case(case)
-        results.append(result)
-        status = "handled" if result.handled else "SILENT "
-        print(f"[{status}] {case.id:<40} {result.seconds:6.1f}s  {result.detail}", flush=True)
-    print(summary_line(results), flush=True)
-    return 0 if all(r.handled for r in results) else 1
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return subprocess.run([sys.executable, "-m", "tests.drill", *argv], cwd=REPO).returncode
 
 
 if __name__ == "__main__":

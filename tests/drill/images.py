@@ -7,7 +7,6 @@ values: 16-bit and CMYK pixels, EXIF-rotated and huge images whose GT box must s
 bright rectangle drawn around the object.
 """
 import os
-import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -22,8 +21,6 @@ LOGGER = "diffusiondet"
 
 def tiny_cfg(*opts):
     """``tests.utils.tiny_cfg`` (ResNet-18, 32 channels, 20 proposals, 64-96 px inputs)."""
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
     from tests.utils import tiny_cfg as make
 
     return make(*opts, config_file=os.path.join(REPO, "configs", "diffdet.synthetic.res18.yaml"))

@@ -7,30 +7,24 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from datetime import timedelta
 
+from . import jobs
 from .common import Case, check
 
 DEADLINE_S = 240  # the drill gives up here; a handled fault ends the job far sooner
 FAULT_AT = 1  # iteration after which rank 1 misbehaves (iteration 0 proved the job works)
 STALL_TIMEOUT_S = 20  # --dist-timeout of the "stalls" case (default: 30 min, detectron2's)
 
-_JOB = """
-import sys
-sys.path.insert(0, {tools!r})
-from drill import distributed
-distributed.run_job({workdir!r}, {fault!r})
-"""
-
-
 def run_job(workdir, fault):
-    """Runs in the job subprocess: 2 processes train 4 iterations; rank 1 provokes ``fault``."""
+    """Runs in the job subprocess (``jobs.py``): 2 processes train 4 iterations; rank 1 provokes
+    ``fault``."""
     from detectron2.engine import launch
 
     from diffusiondet.engine import argument_parser
-    from drill.training import tiny_data
+
+    from .training import tiny_data
 
     tiny_data(workdir)  # once, before the workers read it
     # What tools/train_net.py does with --dist-timeout (the default, 30 min, in the other cases).
@@ -46,7 +40,8 @@ def _worker(workdir, fault):
     from detectron2.utils import comm
 
     from diffusiondet.engine import Trainer, build_config
-    from drill.training import CONFIG, tiny_opts
+
+    from .training import CONFIG, tiny_opts
 
     cfg = build_config(CONFIG, tiny_opts(workdir, "out", 4, 100, cli=False))
     cfg.freeze()
@@ -81,16 +76,6 @@ def _worker(workdir, fault):
     print(f"rank {comm.get_rank()}: nonfinite_steps={trainer.nonfinite_steps}", flush=True)
 
 
-_LIGHT_JOB = """
-import sys
-sys.path.insert(0, {tools!r})
-from detectron2.engine import launch
-from drill import distributed
-launch(distributed._light_worker, 2, dist_url="auto")
-print("JOB FINISHED", flush=True)
-"""
-
-
 def _light_worker():
     """No model: rank 1 reports a NaN (every rank must see it), then fails while rank 0 waits in
     the next all-reduce, as a surviving rank does in DDP's gradient all-reduce."""
@@ -107,10 +92,8 @@ def _light_worker():
 
 
 def light_job(workdir):
-    script = _LIGHT_JOB.format(tools=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     start = time.time()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=workdir, capture_output=True, text=True,
-                          timeout=DEADLINE_S)
+    proc = jobs.start("light", workdir, timeout=DEADLINE_S)
     seconds = time.time() - start
     # Both processes print to one pipe: their lines may interleave, so match, don't split.
     agreed = sorted(re.findall(r"rank (\d+) sees (\d+) rank\(s\) with a non-finite loss", proc.stdout))
@@ -124,12 +107,9 @@ def light_job(workdir):
 
 
 def _run(workdir, fault):
-    script = _JOB.format(tools=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         workdir=workdir, fault=fault)
     start = time.time()
     try:
-        proc = subprocess.run([sys.executable, "-c", script], cwd=workdir, capture_output=True,
-                              text=True, timeout=DEADLINE_S)
+        proc = jobs.start("distributed", workdir, fault, timeout=DEADLINE_S)
     except subprocess.TimeoutExpired:
         check(False, f"the job hung: still running after {DEADLINE_S} s")
     return proc, time.time() - start

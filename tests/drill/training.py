@@ -11,12 +11,10 @@ import subprocess
 import sys
 import time
 
+from . import jobs
 from .common import Case, capture_logs, check, expect_error, expect_logged
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # tests.utils holds the project's tiny CPU configuration
-
 CONFIG = os.path.join(REPO, "configs", "diffdet.synthetic.res18.yaml")
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 
@@ -189,21 +187,8 @@ def abort_while_saving(workdir):
             f" resume starts at 5; {len(leftovers)} temp files left")
 
 
-_HARD_KILL = """
-import os, sys, torch
-sys.path.insert(0, {tools!r})
-from drill import training
-trainer = training.tiny_trainer({workdir!r}, "out", 3, 1)
-torch.save = training._aborting_torch_save(None, after_calls=1)  # the 2nd save dies half-way
-trainer.train()
-"""
-
-
 def hard_kill_while_saving(workdir):
-    script = _HARD_KILL.format(tools=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               workdir=workdir)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=workdir, capture_output=True, text=True,
-                          timeout=300)
+    proc = jobs.start("hard_kill", workdir, timeout=300)
     check(proc.returncode == 137, f"the save was not killed (rc {proc.returncode}): {proc.stderr[-300:]}")
     out = os.path.join(workdir, "out")
     check(_last(out) == "model_0000000.pth", f"last_checkpoint says {_last(out)!r}")
