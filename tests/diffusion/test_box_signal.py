@@ -68,3 +68,17 @@ def test_normalized_signal_inverse():
     b = torch.rand(4, 4)
     signal = normalized_cxcywh_to_signal(b, 2.0)
     torch.testing.assert_close(signal_to_normalized_cxcywh(signal, 2.0), b)
+
+
+# --- dtype ------------------------------------------------------------------------------------
+# Float64 image sizes must not promote float32 boxes.
+
+
+def test_conversions_keep_the_box_dtype_for_float64_image_sizes():
+    whwh = torch.tensor([[640.0, 480.0, 640.0, 480.0]], dtype=torch.float64)
+    boxes = torch.tensor([[[10.0, 20.0, 300.0, 200.0]]])
+    signal = boxes_to_signal(boxes, whwh, 2.0)
+    assert signal.dtype == torch.float32
+    back = signal_to_boxes(signal, whwh, 2.0)
+    assert back.dtype == torch.float32
+    torch.testing.assert_close(back, boxes, rtol=0, atol=1e-3)

@@ -151,3 +151,80 @@ def test_replay_rejects_wrong_size_and_exhaustion():
     rng.randn((3, 1))
     with pytest.raises(RuntimeError, match="ran out"):
         rng.randn((1,))
+
+
+# --- random sources, one proposal, dtype and device -------------------------------------------
+# Each test below calls everything it checks itself (no module fixture): mutmut credits a
+# function only to the tests that call it, and a module fixture runs inside the first test of
+# the module only.
+
+META = torch.device("meta")
+
+
+def _alphas_cumprod(dtype=torch.float64):
+    return diffusion_buffers(cosine_beta_schedule(1000))["alphas_cumprod"].to(dtype)
+
+
+def test_torch_random_uses_its_generator_dtype_and_device():
+    rng = TorchRandom(dtype=torch.float64, generator=torch.Generator().manual_seed(123))
+    ref = torch.Generator().manual_seed(123)
+    torch.manual_seed(999)  # the global RNG must play no part
+    assert torch.equal(rng.randn((3, 4)), torch.randn(3, 4, generator=ref, dtype=torch.float64))
+    assert torch.equal(rng.rand((5,)), torch.rand(5, generator=ref, dtype=torch.float64))
+    assert torch.equal(rng.randint(7, (6,)), torch.randint(7, (6,), generator=ref))
+    assert torch.equal(rng.randperm(9), torch.randperm(9, generator=ref))
+    meta = TorchRandom(device=META)
+    assert meta.randn((2,)).device == META and meta.rand((2,)).device == META
+    assert meta.randint(3, (2,)).device == META and meta.randperm(4).device == META
+    assert meta.randint(3, (2,)).dtype == torch.long and meta.randperm(4).dtype == torch.long
+
+
+def test_replay_rand_returns_the_recorded_uniform_draws_and_checks_their_kind():
+    first, second = torch.rand(6), torch.rand(2, 2)
+    rng = ReplayRandom([("rand", first), ("rand_like", second), ("randn", torch.zeros(2))])
+    assert torch.equal(rng.rand((2, 3)), first.reshape(2, 3))
+    assert torch.equal(rng.rand((4,)), second.reshape(4))
+    with pytest.raises(RuntimeError, match=r"draw #2 was recorded as 'randn' but 'rand'"):
+        rng.rand((2,))
+
+
+def test_one_proposal_is_a_valid_count():
+    rng = ReplayRandom([torch.tensor([2, 0, 1])])
+    gt = torch.tensor([[0.1, 0.1, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2], [0.3, 0.3, 0.3, 0.3]])
+    assert torch.equal(pad_boxes(gt, 1, "gaussian_concat", 0.1, rng), gt[2:3])
+    empty = pad_boxes(torch.zeros(0, 4), 1, "repeat", 0.1, ReplayRandom([]))
+    assert torch.equal(empty, torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="num_proposals must be >= 1, got 0"):
+        pad_boxes(gt, 0, "repeat", 0.1, ReplayRandom([]))
+
+
+def test_placeholders_are_computed_in_the_ground_truth_dtype():
+    gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]], dtype=torch.float64)
+    draws = torch.tensor([[0.1, -0.3, 0.7, 1.3], [0.2, 0.4, -0.6, 0.9]])
+    out = pad_boxes(gt, 3, "gaussian_concat", 1 / 6, ReplayRandom([draws]))
+    assert out.dtype == torch.float64
+    assert torch.equal(out[1:], draws.double() * (1 / 6) + 0.5)
+    uniform = torch.tensor([[0.25, 0.75, 0.0, 0.5]])
+    out = pad_boxes(gt, 2, "uniform_concat", 1 / 6, ReplayRandom([uniform]))
+    # The 1e-4 floor is applied in float64 (float32's 1e-4 is 9.99999974737875e-05).
+    assert out[1, 2].item() == 1e-4 and out[1, 3].item() == 0.5
+
+
+def test_corruption_outputs_follow_the_ground_truth_dtype_and_device():
+    gt = torch.tensor([[0.3, 0.4, 0.2, 0.1]], dtype=torch.float64)
+    noise = torch.randn(3, 4)
+    draws = [torch.tensor([5]), noise, torch.randn(2, 4)]
+    out = corrupt_boxes(gt, 3, _alphas_cumprod(), 2.0, "gaussian_concat", 0.1, ReplayRandom(draws))
+    assert out.noise.dtype == torch.float64 and torch.equal(out.noise, noise.double())
+    assert out.x_t.dtype == torch.float64 and out.t.dtype == torch.long
+    on_meta = corrupt_boxes(
+        gt.to(META), 3, _alphas_cumprod(), 2.0, "gaussian_concat", 0.1, ReplayRandom(draws)
+    )
+    assert on_meta.t.device == META and on_meta.x_t.device == META
+
+
+def test_noisy_boxes_are_clamped_from_below():
+    gt = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    draws = [torch.tensor([999]), torch.full((2, 4), -50.0), torch.zeros(1, 4)]
+    out = corrupt_boxes(gt, 2, _alphas_cumprod(), 2.0, "gaussian_concat", 0.1, ReplayRandom(draws))
+    assert torch.equal(out.x_t, torch.full((2, 4), -2.0))

@@ -93,3 +93,52 @@ def test_consistent_x0_and_eps_reproduce_q_sample(alphas_cumprod):
     stepped = ddim_step(x0, noise, alphas_cumprod[749].item(), a_n, 0.0, torch.zeros_like(x0))
     expected = q_sample(x0, torch.full((3,), 249), alphas_cumprod, noise)
     torch.testing.assert_close(stepped, expected, rtol=0, atol=1e-5)
+
+
+# --- arithmetic dtype, device and default-dtype independence ----------------------------------
+# Each test below calls everything it checks itself (no module fixture): mutmut credits a
+# function only to the tests that call it, and a module fixture runs inside the first test of
+# the module only.
+# Exactness: these compare elementwise IEEE operations (add, mul, div, sqrt; all correctly
+# rounded) done in the same order, so they hold on every CPU; "representable in float32"
+# tells float32 arithmetic from float64 arithmetic without hard-coding values.
+
+META = torch.device("meta")
+
+
+def _float32_representable(x):
+    return torch.equal(x.float().double(), x.double())
+
+
+def _alphas_cumprod(dtype=torch.float64):
+    return diffusion_buffers(cosine_beta_schedule(1000))["alphas_cumprod"].to(dtype)
+
+
+def test_noise_prediction_computes_in_the_schedule_dtype_and_follows_the_sample_device():
+    x_t, x0 = torch.randn(2, 5, 4).double(), torch.rand(2, 5, 4).double()
+    t = torch.tensor([3, 999])
+    eps = predict_noise_from_start(x_t, t, x0, _alphas_cumprod(torch.float32))
+    assert eps.dtype == torch.float64 and _float32_representable(eps)
+    on_meta = predict_noise_from_start(x_t.to(META), t.to(META), x0.to(META), _alphas_cumprod())
+    assert on_meta.device == META
+
+
+def test_ddim_step_returns_the_prediction_dtype_for_tensor_coefficients():
+    x0, eps, z = torch.rand(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    a_t = torch.tensor([0.2, 0.3], dtype=torch.float64).view(2, 1, 1)
+    a_next = torch.tensor([0.5, 0.6], dtype=torch.float64).view(2, 1, 1)
+    assert ddim_step(x0, eps, a_t, a_next, 1.0, z).dtype == torch.float32
+
+
+def test_time_pairs_do_not_depend_on_the_default_dtype():
+    # S = 26 is the first step count whose float64 linspace truncates differently.
+    expected = ddim_time_pairs(1000, 26)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert ddim_time_pairs(1000, 26) == expected
+    finally:
+        torch.set_default_dtype(previous)
+    assert expected[0] == (999, 960) and expected[-1][1] == -1
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 1000\], got 0"):
+        ddim_time_pairs(1000, 0)

@@ -84,3 +84,24 @@ def test_all_dropped_or_all_kept(score):
     renew_and_step(x0, eps, torch.full((1, 4), score), 0.5, A_T, A_NEXT, 1.0, draws)
     kept = 4 if score > 0.5 else 0
     assert draws.calls == [(0, (kept, 4)), (0, (4 - kept, 4))]
+
+
+# --- dtype ------------------------------------------------------------------------------------
+# Draws may come in another dtype than the samples; the step must not promote them.
+
+
+def test_renewal_casts_the_drawn_noise_to_the_sample_dtype():
+    x0, eps = torch.rand(1, 4, 4), torch.randn(1, 4, 4)
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.7]])
+    draws = {}
+
+    def draw(b, shape):
+        draws[shape] = torch.randn(shape, dtype=torch.float64)
+        return draws[shape]
+
+    out = renew_and_step(x0, eps, scores, 0.5, 0.3, 0.6, 1.0, draw)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[0, 3:], draws[(1, 4)].float(), rtol=0, atol=0)
+    kept = [0, 2, 3]
+    expected = ddim_step(x0[:, kept], eps[:, kept], 0.3, 0.6, 1.0, draws[(3, 4)][None].float())
+    torch.testing.assert_close(out[:, :3], expected, rtol=0, atol=0)

@@ -84,3 +84,68 @@ def test_q_sample_batch_and_dtype(buffers):
 def test_invalid_timesteps():
     with pytest.raises(ValueError):
         cosine_beta_schedule(0)
+
+
+# --- one timestep, every buffer at every t, dtype and device ----------------------------------
+# Each test below calls everything it checks itself (no module fixture): mutmut credits a
+# function only to the tests that call it, and a module fixture runs inside the first test of
+# the module only.
+# Exactness: these compare elementwise IEEE operations (add, mul, div, sqrt; all correctly
+# rounded) done in the same order, so they hold on every CPU; "representable in float32"
+# tells float32 arithmetic from float64 arithmetic without hard-coding values.
+
+META = torch.device("meta")
+
+
+def _float32_representable(x):
+    return torch.equal(x.float().double(), x.double())
+
+
+def _alphas_cumprod(dtype=torch.float64):
+    return diffusion_buffers(cosine_beta_schedule(1000))["alphas_cumprod"].to(dtype)
+
+
+def test_single_timestep_schedule_is_allowed_and_clipped():
+    betas = cosine_beta_schedule(1)
+    assert betas.shape == (1,) and betas.item() == pytest.approx(0.999)
+    with pytest.raises(ValueError, match="num_timesteps must be >= 1, got 0"):
+        cosine_beta_schedule(0)
+
+
+def test_every_buffer_matches_its_closed_form_at_every_timestep():
+    betas = cosine_beta_schedule(50)
+    buffers = diffusion_buffers(betas)
+    ac, prod = [], 1.0
+    for beta in betas.tolist():
+        prod *= 1.0 - beta
+        ac.append(prod)
+    for t, beta in enumerate(betas.tolist()):
+        a, a_prev = ac[t], (ac[t - 1] if t else 1.0)
+        post_var = beta * (1 - a_prev) / (1 - a)
+        expected = {
+            "betas": beta,
+            "alphas_cumprod": a,
+            "alphas_cumprod_prev": a_prev,
+            "sqrt_alphas_cumprod": math.sqrt(a),
+            "sqrt_one_minus_alphas_cumprod": math.sqrt(1 - a),
+            "log_one_minus_alphas_cumprod": math.log(1 - a),
+            "sqrt_recip_alphas_cumprod": math.sqrt(1 / a),
+            "sqrt_recipm1_alphas_cumprod": math.sqrt(1 / a - 1),
+            "posterior_variance": post_var,
+            "posterior_log_variance_clipped": math.log(max(post_var, 1e-20)),
+            "posterior_mean_coef1": beta * math.sqrt(a_prev) / (1 - a),
+            "posterior_mean_coef2": (1 - a_prev) * math.sqrt(1 - beta) / (1 - a),
+        }
+        for name, value in expected.items():
+            got = buffers[name][t].item()
+            assert got == pytest.approx(value, rel=1e-9, abs=1e-300), (name, t)
+
+
+def test_q_sample_computes_in_the_schedule_dtype_and_follows_the_sample_device():
+    x0, noise = torch.rand(2, 5, 4, dtype=torch.float64) * 4 - 2, torch.randn(2, 5, 4).double()
+    t = torch.tensor([10, 700])
+    x_t = q_sample(x0, t, _alphas_cumprod(torch.float32), noise)
+    assert x_t.dtype == torch.float64 and _float32_representable(x_t)
+    # A schedule kept on the CPU is moved to the samples' device.
+    on_meta = q_sample(x0.to(META), t.to(META), _alphas_cumprod(), noise.to(META))
+    assert on_meta.device == META
