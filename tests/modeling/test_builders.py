@@ -1,6 +1,6 @@
-"""Config -> component builders: every key reaches its component, also when it differs from the
-component's own default (found by mutation testing: a dropped keyword argument whose default
-equals the tiny config's value went unnoticed).
+"""diffusiondet/modeling/builders.py, config -> components: every key reaches its component, also
+when it differs from the component's own default (mutation testing found dropped keyword arguments
+whose default equalled the tiny config's value).
 
 Only construction is checked here (no forward passes), so the file runs in well under a second.
 """
@@ -98,7 +98,7 @@ def test_softmax_criterion_keeps_the_no_object_weight():
 
 @pytest.fixture
 def counted_dataset():
-    name = "mutation_kills_counted_dataset"
+    name = "builders_counted_dataset"
     MetadataCatalog.get(name).set(
         class_image_count=[
             {"id": 2, "image_count": 9}, {"id": 1, "image_count": 4}, {"id": 3, "image_count": 1},
