@@ -3,11 +3,13 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from diffusiondet.diffusion import TorchRandom
+from diffusiondet.modeling.meta_arch import to_fp32
 from tests.utils import random_input, tiny_cfg
 
 
@@ -144,3 +146,53 @@ def test_short_training_decreases_loss():
         history.append(loss.item())
     first, last = sum(history[:8]) / 8, sum(history[-8:]) / 8
     assert last < 0.8 * first, (first, last)
+
+
+# --- detectron2 entry point, padding constraints, AMP dtypes ----------------------------------
+
+
+@pytest.fixture
+def eval_model():
+    """A fresh model per test: the tests below replace parts of it."""
+    return build_model(tiny_cfg()).eval()
+
+
+def test_calling_the_model_in_eval_mode_runs_inference(eval_model):
+    inputs = [random_input(height=64, width=80), random_input(height=48, width=96, seed=1)]
+    with torch.no_grad():
+        results = eval_model(inputs)
+    assert len(results) == 2
+    assert results[0]["instances"].image_size == (64, 80)
+    assert results[1]["instances"].image_size == (48, 96)
+    assert len(results[0]["instances"]) > 0
+
+
+class _SquarePaddingBackbone(nn.Module):
+    size_divisibility = 32
+    padding_constraints = {"square_size": 128}
+
+
+def test_images_are_padded_as_the_backbone_requires(eval_model):
+    eval_model.backbone = _SquarePaddingBackbone()
+    images, whwh = eval_model.preprocess_image([random_input(height=64, width=80)])
+    assert tuple(images.tensor.shape) == (1, 3, 128, 128)
+    assert images.image_sizes == [(64, 80)]
+    assert whwh.dtype == torch.float32 and whwh.tolist() == [[80.0, 64.0, 80.0, 64.0]]
+
+
+@pytest.mark.parametrize("amp, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_inference_autocast_uses_the_configured_dtype(eval_model, amp, dtype):
+    eval_model.inference_amp = amp
+    with eval_model.inference_autocast():
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == dtype
+    eval_model.inference_amp = ""
+    with eval_model.inference_autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_amp_outputs_cast_only_floating_tensors_to_fp32():
+    assert to_fp32(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+    labels = torch.tensor([1, 2])
+    assert to_fp32(labels) is labels
+    assert to_fp32("not a tensor") == "not a tensor"

@@ -91,3 +91,30 @@ def test_cap_detections():
     assert cap_detections(cand, 2)["tag"].tolist() == [1, 2]
     assert cap_detections(cand, 0) is cand
     assert cap_detections(cand, 10)["tag"].tolist() == [1, 2, 0]
+
+
+# --- capping edge cases and merge errors (found by mutation testing) ---------------------
+
+
+def test_capping_to_one_keeps_only_the_best():
+    cand = {"scores": torch.tensor([0.2, 0.9, 0.5]), "classes": torch.tensor([0, 1, 2])}
+    capped = cap_detections(cand, 1)
+    assert capped["scores"].tolist() == [pytest.approx(0.9)] and capped["classes"].tolist() == [1]
+    assert cap_detections(cand, 0) is cand
+
+
+def test_merging_refuses_empty_or_mismatched_candidates_with_clear_messages():
+    with pytest.raises(ValueError, match=r"^merge_candidates needs at least one candidate dict$"):
+        merge_candidates([])
+    a = {"scores": torch.zeros(1), "boxes": torch.zeros(1, 4)}
+    with pytest.raises(ValueError, match=r"^candidate dicts have different fields: .* vs \{'scores'\}$"):
+        merge_candidates([a, {"scores": torch.zeros(2)}])
+
+
+def test_capping_keeps_tied_detections_in_their_original_order():
+    scores = torch.tensor([0.5, 0.9, 0.5, 0.5, 0.9, 0.1] * 40)
+    cand = {"scores": scores, "classes": torch.arange(240), "boxes": torch.zeros(240, 4)}
+    capped = cap_detections(cand, 100)
+    order = capped["classes"].tolist()
+    assert order[:80] == [i for i in range(240) if i % 6 in (1, 4)]
+    assert order[80:] == [i for i in range(240) if i % 6 in (0, 2, 3)][:20]
