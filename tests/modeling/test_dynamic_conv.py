@@ -117,3 +117,34 @@ def test_empty_input_and_validation():
         DynamicConv(hidden_dim=16, dim_dynamic=4, pooler_resolution=2, num_dynamic=3)
     with pytest.raises(ValueError, match="chunk_size"):
         DynamicConv(hidden_dim=16, dim_dynamic=4, pooler_resolution=2, chunk_size=-1)
+
+
+# --- chunk-size bounds and autograd modes -------------------------------------------------
+
+
+@pytest.mark.parametrize("cache, expected", [(0, 16 << 20), (1, 4 << 20), (8 << 20, 4 << 20),
+                                             (20_000_001, 10_000_000), (1 << 30, 16 << 20)])
+def test_chunk_budget_is_half_the_cache_within_bounds(monkeypatch, cache, expected):
+    monkeypatch.setattr(dynamic_conv_module, "last_level_cache_bytes", lambda: cache)
+    budget = dynamic_conv_module.auto_chunk_bytes()
+    assert budget == expected and isinstance(budget, int)
+
+
+def test_chunk_size_is_at_least_one_proposal(monkeypatch):
+    conv = DynamicConv(hidden_dim=8, dim_dynamic=4, pooler_resolution=2)
+    assert conv.resolved_chunk_size(1, torch.float32, needs_grad=True) == 1
+    assert conv.resolved_chunk_size(1, torch.float32, needs_grad=False, on_cpu=False) == 1
+    monkeypatch.setattr(dynamic_conv_module, "auto_chunk_bytes", lambda: 100)  # < one proposal (256 B)
+    assert conv.resolved_chunk_size(50, torch.float32, needs_grad=False) == 1
+
+
+@pytest.mark.parametrize("trainable", ["weights", "proposals", "rois"])
+def test_dynamic_conv_backpropagates_to_whatever_requires_grad(trainable):
+    conv = DynamicConv(hidden_dim=8, dim_dynamic=4, pooler_resolution=2)
+    conv.requires_grad_(trainable == "weights")
+    pro = torch.randn(3, 8, requires_grad=trainable == "proposals")
+    roi = torch.randn(3, 4, 8, requires_grad=trainable == "rois")
+    out = conv(pro, roi)
+    out.sum().backward()
+    grad = {"weights": conv.dynamic_layer.weight.grad, "proposals": pro.grad, "rois": roi.grad}
+    assert grad[trainable] is not None and grad[trainable].abs().sum() > 0

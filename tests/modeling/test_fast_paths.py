@@ -4,6 +4,7 @@ batched sampling, plus the INFERENCE_AMP / COMPILE_HEAD switches.
 Shape legend: B images, N proposals, M = B·N RoIs, D channels, K classes. Boxes are abs xyxy.
 """
 import copy
+import threading
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from detectron2.structures import Boxes, ImageList
 from diffusiondet.diffusion import TorchRandom
 from diffusiondet.engine import build_config
 from diffusiondet.modeling import DiffusionDet
-from diffusiondet.modeling.head import DynamicHead, ThreadedROIPooler
+from diffusiondet.modeling.head import DynamicHead, ThreadedROIPooler, threaded_pooler
 from tests.utils import random_input, tiny_cfg
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
@@ -326,3 +327,96 @@ def test_speed_config_keys_are_validated_and_wired(monkeypatch):
     assert compiled == [{"dynamic": True}] * cfg.MODEL.DiffusionDet.NUM_HEADS
     with pytest.raises(ValueError, match="inference_amp"):
         DiffusionDet(**{**DiffusionDet.from_config(tiny_cfg()), "inference_amp": "int8"})
+
+
+# --- the threaded pooler really runs threads, shares one pool, and matches detectron2 -------
+# Bit for bit against detectron2's serial ROIPooler: both run the same kernel on the same data.
+
+
+def _small_poolers(num_threads, scales=SCALES):
+    kwargs = dict(output_size=3, scales=scales, sampling_ratio=2, pooler_type="ROIAlignV2")
+    return ROIPooler(**kwargs), ThreadedROIPooler(**kwargs, num_threads=num_threads)
+
+
+def _seeded_features(scales=SCALES, channels=4):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, channels, int(64 * s), int(96 * s), generator=g) for s in scales]
+
+
+def _pool_recording_threads(pooler, features, box_lists):
+    names = []
+    level = pooler.level_poolers[0]
+    original = level.forward
+
+    def recording(*args):
+        names.append(threading.current_thread().name)
+        return original(*args)
+
+    level.forward = recording
+    try:
+        return pooler(features, box_lists), names
+    finally:
+        del level.forward
+
+
+def test_threaded_pooler_really_pools_in_worker_threads():
+    # Two RoIs on one level, grad mode on but nothing requires grad: the threaded path applies.
+    _, pooler = _small_poolers(2, scales=(1 / 4,))
+    boxes = [Boxes(torch.tensor([[4.0, 4.0, 40.0, 30.0], [50.0, 10.0, 90.0, 60.0]]))]
+    out, names = _pool_recording_threads(pooler, _seeded_features((1 / 4,)), boxes)
+    assert out.shape == (2, 4, 3, 3)
+    assert len(names) == 2 and any(n.startswith("diffdet-roi-pool") for n in names)
+    assert ThreadedROIPooler(output_size=3, scales=SCALES, sampling_ratio=2, pooler_type="ROIAlignV2",
+                             num_threads=3).resolved_num_threads() == 3
+    assert pooler.__class__(output_size=3, scales=SCALES, sampling_ratio=2, pooler_type="ROIAlignV2",
+                            num_threads=0).resolved_num_threads() == torch.get_num_threads()
+
+
+def test_worker_pool_is_created_on_first_use_and_reused():
+    serial, pooler = _small_poolers(2)
+    features = _seeded_features()
+    boxes = [Boxes(torch.tensor([[4.0, 4.0, 40.0, 30.0], [50.0, 10.0, 90.0, 60.0]]))]
+    with torch.no_grad():
+        assert torch.equal(pooler(features, boxes), serial(features, boxes))
+    # The pooling above left a process-wide pool: asking for no more threads returns it.
+    pool = threaded_pooler.shared_executor(1)
+    assert threaded_pooler.shared_executor(1) is pool
+    # More threads than any pooler asks for (at most the torch threads) replace it by a larger
+    # pool, which is then reused, and the old one is shut down.
+    grown = threaded_pooler.shared_executor(4 * torch.get_num_threads() + 64)
+    assert grown is not pool and threaded_pooler.shared_executor(2) is grown
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.submit(int)
+
+
+@torch.no_grad()
+def test_threaded_pooler_matches_detectron2_on_one_level_and_oversized_boxes():
+    single_serial, single = _small_poolers(2, scales=(1 / 8,))
+    boxes = [Boxes(torch.tensor([[4.0, 4.0, 40.0, 30.0], [50.0, 10.0, 90.0, 60.0], [1.0, 2.0, 3.0, 9.0]]))]
+    features = _seeded_features((1 / 8,))
+    assert torch.equal(single(features, boxes), single_serial(features, boxes))
+    # A ~1100 px box maps beyond the coarsest level and must be clamped to it, not dropped.
+    serial, pooler = _small_poolers(2)
+    boxes = [Boxes(torch.tensor([[-300.0, -300.0, 1000.0, 600.0], [10.0, 10.0, 30.0, 40.0]]))]
+    out = pooler(_seeded_features(), boxes)
+    assert torch.equal(out, serial(_seeded_features(), boxes)) and out[0].abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_threaded_pooler_is_not_used_while_tracing():
+    serial, pooler = _small_poolers(2)
+    feats_a, feats_b = _seeded_features(), [f * 2 + 1 for f in _seeded_features()]
+    boxes = torch.tensor([[4.0, 4.0, 40.0, 30.0], [50.0, 10.0, 90.0, 60.0], [5.0, 5.0, 200.0, 150.0]])
+
+    def pool(*feats):
+        return pooler(list(feats), [Boxes(boxes)])
+
+    with torch.no_grad():
+        traced = torch.jit.trace(pool, tuple(feats_a), check_trace=False)
+        assert torch.equal(traced(*feats_b), serial(feats_b, [Boxes(boxes)]))
+
+
+def test_threaded_pooler_takes_detectron2_arguments_positionally():
+    pooler = ThreadedROIPooler(3, SCALES, 2, "ROIAlignV2")
+    assert pooler.output_size == (3, 3) and len(pooler.level_poolers) == 4
+    assert pooler.num_threads == 0

@@ -9,7 +9,12 @@ import pytest
 import torch
 from detectron2.modeling.box_regression import Box2BoxTransform
 
-from diffusiondet.modeling.head import DynamicHead, SinusoidalTimeEmbedding, build_time_mlp
+from diffusiondet.modeling.head import (
+    DynamicHead,
+    RefinementStage,
+    SinusoidalTimeEmbedding,
+    build_time_mlp,
+)
 
 # Float results depend on the CPU's kernels: re-run under the AVX2 one-thread settings.
 pytestmark = pytest.mark.numerics
@@ -292,3 +297,76 @@ def test_other_activations_run(activation):
 def test_invalid_arguments_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         _small_head(**overrides)
+
+
+# --- defaults, settings reaching every stage, time-embedding dtype (found by mutation testing)
+# Each test below builds what it checks itself (no module fixture): mutmut credits a function
+# only to the tests that call it.
+
+
+def test_refinement_stage_defaults_are_the_official_layout():
+    stage = RefinementStage(num_logits=3, hidden_dim=16, pooler_resolution=2, scale_clamp=4.0)
+    assert stage.linear1.out_features == 2048 and stage.self_attn.num_heads == 8
+    assert stage.dropout.p == 0.0 and stage.self_attn.dropout == 0.0
+    assert stage.activation is torch.nn.functional.relu
+    assert len(stage.cls_module) == 1 * 3 and len(stage.reg_module) == 3 * 3
+    assert stage.inst_interact.dim_dynamic == 64 and stage.inst_interact.chunk_size == 0
+    assert stage.box2box_transform.weights == (2.0, 2.0, 1.0, 1.0)
+    dropped = RefinementStage(num_logits=3, hidden_dim=16, pooler_resolution=2, scale_clamp=4.0,
+                              dropout=0.3, nhead=2)
+    assert dropped.self_attn.dropout == 0.3 and dropped.dropout1.p == 0.3
+    with pytest.raises(ValueError, match=r"^activation must be one of \['gelu', 'glu', 'relu'\], got 'tanh'$"):
+        RefinementStage(num_logits=3, hidden_dim=16, pooler_resolution=2, scale_clamp=4.0,
+                        activation="tanh")
+
+
+def test_time_embedding_is_in_the_buffer_dtype_for_float64_timesteps():
+    emb = SinusoidalTimeEmbedding(8)
+    out = emb(torch.tensor([3.0, 999.0], dtype=torch.float64))
+    assert out.dtype == torch.float32
+    assert torch.equal(out, emb(torch.tensor([3, 999])))
+
+
+def test_time_embedding_sizes_and_its_float32_frequencies():
+    SinusoidalTimeEmbedding(4)
+    for dim in (5, 2, 7):
+        with pytest.raises(ValueError, match=rf"^SinusoidalTimeEmbedding needs an even dim >= 4, got {dim}$"):
+            SinusoidalTimeEmbedding(dim)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert SinusoidalTimeEmbedding(8).frequencies.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _two_stage_head(**kwargs):
+    args = dict(num_classes=3, in_channels=16, hidden_dim=16, dim_feedforward=32, nhead=2,
+                num_stages=2, dim_dynamic=4, pooler_scales=SCALES)
+    return DynamicHead(**{**args, **kwargs})
+
+
+def test_dynamic_head_passes_its_settings_to_every_stage():
+    head = _two_stage_head(dropout=0.2, activation="gelu", num_cls=2, num_reg=1, bbox_weights=(1.0, 1.0, 3.0, 3.0))
+    assert head.num_classes == 3 and head.hidden_dim == 16
+    for stage in head.head_series:
+        assert stage.dropout.p == 0.2 and stage.activation is torch.nn.functional.gelu
+        assert len(stage.cls_module) == 6 and len(stage.reg_module) == 3
+        assert stage.box2box_transform.weights == (1.0, 1.0, 3.0, 3.0)
+    default = _two_stage_head()
+    assert default.head_series[0].inst_interact.chunk_size == 0
+    assert default.box_pooler.num_threads == 0
+    with pytest.raises(ValueError, match=r"^in_channels \(8\) must equal hidden_dim \(16\): RoI features "
+                                         r"are used directly as object features$"):
+        _two_stage_head(in_channels=8)
+
+
+def test_speed_options_accept_automatic_values_and_reach_every_stage():
+    head = _two_stage_head()
+    head.set_speed_options(dynamic_chunk_size=5, pooler_threads=0)
+    assert [s.inst_interact.chunk_size for s in head.head_series] == [5, 5]
+    assert head.box_pooler.num_threads == 0
+    head.set_speed_options(dynamic_chunk_size=0, pooler_threads=3)
+    assert head.box_pooler.num_threads == 3
+    with pytest.raises(ValueError, match=r"^dynamic_chunk_size and pooler_threads must be >= 0, got 0 and -1$"):
+        head.set_speed_options(dynamic_chunk_size=0, pooler_threads=-1)
