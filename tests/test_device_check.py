@@ -1,4 +1,4 @@
-"""tools/device_check.sh, and the device-capable tests it runs with DIFFDET_TEST_DEVICE=cuda.
+"""tools/dev/device_check.sh, and the device-capable tests it runs with DIFFDET_TEST_DEVICE=cuda.
 
 The script's own tests run anywhere: without CUDA it must stop at once with its message; with a
 stand-in interpreter (a shell script that only echoes) its steps, logs and exit codes are
@@ -21,7 +21,7 @@ from tests.device import ENV_VAR, device, selected_device  # noqa: F401  (fixtur
 from tests.utils import random_input, tiny_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "tools", "device_check.sh")
+SCRIPT = os.path.join(REPO, "tools", "dev", "device_check.sh")
 
 
 def _run_script(tmp_path, timeout=20, **env):

@@ -1,7 +1,7 @@
 """The roofline of ``tools/benchmark.py --roofline``: the analytic head FLOP count against torch's
 FLOP counter, the issue's COCO figures, and the measured numbers' consistency.
 
-The smoke test takes the ``device`` fixture (tests/device.py), so ``tools/device_check.sh`` runs
+The smoke test takes the ``device`` fixture (tests/device.py), so ``tools/dev/device_check.sh`` runs
 it on CUDA too.
 """
 import math

@@ -260,7 +260,7 @@ def test_count_host_syncs_prints_both_modes():
     # parity mode's does.
     totals = {}
     for steps in (2, 4):
-        stdout = _run("count_host_syncs.py", "--config-file", CONFIG, "--steps", steps, "--boxes", 20,
+        stdout = _run("dev/count_host_syncs.py", "--config-file", CONFIG, "--steps", steps, "--boxes", 20,
                       "--batch", 2, *TINY, cwd=REPO)  # fmt: skip
         rows = _markdown_rows(stdout, "| mode |")
         assert [r["mode"] for r in rows] == ["parity", "graph"]
@@ -272,7 +272,7 @@ def test_count_host_syncs_prints_both_modes():
 
 @pytest.mark.parametrize("part", ["head", "backbone"])
 def test_profile_speed_runs_each_part(part):
-    stdout = _run("profile_speed.py", part, "--config-file", CONFIG, "--height", 64, "--width", 96,
+    stdout = _run("dev/profile_speed.py", part, "--config-file", CONFIG, "--height", 64, "--width", 96,
                   "--boxes", 20, "--rows", 3, *TINY, cwd=REPO)  # fmt: skip
     if part == "head":  # both poolers, each with its time and profile table
         timed = re.findall(r"fixed-shape pooling (False|True): best of 3 ([\d.]+) s", stdout)

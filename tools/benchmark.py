@@ -36,11 +36,11 @@ from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs
 from diffusiondet.modeling.backbone.frozen_bn_folding import FoldedFrozenBNConv2d
 from diffusiondet.modeling.builders import sampler_kwargs
 from diffusiondet.modeling.graph_sampler import GraphBoxSampler
+from diffusiondet.tooling import chunk_sweep
+from diffusiondet.tooling.bench_training import benchmark_training, random_images
 from diffusiondet.utils import roofline
 from diffusiondet.utils.bench_timing import HeadTimer, PeakMemory
 from diffusiondet.utils.cpu_info import describe_cpu
-
-from bench_training import benchmark_training, random_images  # tools/ is on sys.path
 
 FULL_CASES = ((1, 300), (4, 300), (1, 1000), (4, 1000), (4, 2000))
 QUICK_CASES = ((1, 300), (4, 300))
@@ -77,7 +77,7 @@ def parse_args():
         help="smoke run: steps/boxes (1,300),(4,300); batches 1,2 and 384 px unless given",
     )  # fmt: skip
     parser.add_argument("--chunk-sweep", action="store_true",
-                        help="time DynamicConv at several chunk sizes instead (tools/chunk_sweep.py)")
+                        help="time DynamicConv at several chunk sizes instead (diffusiondet.tooling.chunk_sweep)")
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="with --chunk-sweep: run as an AVX2-only machine with one thread")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
@@ -212,8 +212,6 @@ def print_table(rows, args, backbone_s, train_ips, model) -> None:
 def main():
     args = parse_args()
     if args.chunk_sweep:
-        import chunk_sweep  # tools/ is on sys.path when this file runs as a script
-
         return chunk_sweep.run(repeats=max(args.repeats, 5), emulate_avx2=args.emulate_avx2)
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:

@@ -1,5 +1,6 @@
 """The training part of ``tools/benchmark.py``: the default path against the reference path
-(serial RoIAlign backward, torch's unfused AdamW) from the same weights, batch and noise."""
+(serial RoIAlign backward, torch's unfused AdamW) from the same weights, batch and noise; and the
+random images and training batch that ``tools/dev/profile_speed.py`` profiles too."""
 import copy
 import time
 

@@ -2,6 +2,7 @@
 
     python tools/benchmark.py --chunk-sweep                 # this CPU as it is
     python tools/benchmark.py --chunk-sweep --emulate-avx2  # the same, as an AVX2-only machine
+    python -m diffusiondet.tooling.chunk_sweep --boxes 500,1000 --repeats 5 [--emulate-avx2]
 
 Times the dynamic layer alone (R-50 sizes: D = 256, DD = 64, 7x7 RoIs; random inputs), fp32,
 inference, for N proposals at several chunk sizes, interleaved round-robin so that a load on the
@@ -49,7 +50,7 @@ def dynamic_auto(num_props: int) -> int:
 
 def run(boxes=(500, 1000), repeats: int = 5, emulate_avx2: bool = False) -> int:
     if emulate_avx2:  # the settings act at start-up only: re-run this in a fresh process
-        cmd = [sys.executable, os.path.abspath(__file__), "--repeats", str(repeats),
+        cmd = [sys.executable, "-m", "diffusiondet.tooling.chunk_sweep", "--repeats", str(repeats),
                "--boxes", ",".join(map(str, boxes))]  # fmt: skip
         return subprocess.run(cmd, env={**os.environ, **AVX2_EMULATION_ENV}).returncode
     print(f"DynamicConv chunk sweep on {describe_cpu()}; last-level cache "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Host syncs of one batched inference in each sampling mode, counted on CPU.
 
-    python tools/count_host_syncs.py --steps 4 --boxes 100 --batch 2
+    python tools/dev/count_host_syncs.py --steps 4 --boxes 100 --batch 2
 
 Counts the operations that make a GPU host wait (``diffusiondet.utils.host_syncs``) inside the
 sampling loop and over sampling + post-processing, for SAMPLING_MODE parity (with detectron2's

@@ -13,10 +13,10 @@
 # within one overall budget (DEVICE_CHECK_BUDGET_S, default 450 s), a hung step cannot take the
 # others' time, and every step runs even when an earlier one failed. Exit 1 if any step failed.
 #
-#   bash tools/device_check.sh                  # PYTHON=... to choose the interpreter
+#   bash tools/dev/device_check.sh              # PYTHON=... to choose the interpreter
 set -u -o pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # two levels above tools/dev/
 cd "$ROOT"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi

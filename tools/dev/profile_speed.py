@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Where the time goes: torch.profiler tables and timings behind the README's speed figures.
 
-    python tools/profile_speed.py head       # one head call, roi_align vs fixed-shape pooling
-    python tools/profile_speed.py train      # one training iteration (2 images of 512², default path)
-    python tools/profile_speed.py backbone   # backbone with and without FOLD_FROZEN_BN
+    python tools/dev/profile_speed.py head       # one head call, roi_align vs fixed-shape pooling
+    python tools/dev/profile_speed.py train      # one training iteration (2 images of 512², default path)
+    python tools/dev/profile_speed.py backbone   # backbone with and without FOLD_FROZEN_BN
 
 R-50 COCO config with random weights on CPU unless --config-file / trailing KEY VALUE say
 otherwise; --height/--width set the image (800×1216), --boxes the head's boxes (500).
@@ -16,10 +16,10 @@ import torch
 
 from detectron2.modeling import build_model
 
-from bench_training import random_images, training_batch  # tools/ is on sys.path
 from diffusioninst import build_config
 from diffusiondet.engine import build_optimizer
 from diffusiondet.modeling.backbone.frozen_bn_folding import FoldedFrozenBNConv2d
+from diffusiondet.tooling.bench_training import random_images, training_batch
 
 
 def best_of(fn, repeats: int = 3) -> float:
