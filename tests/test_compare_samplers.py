@@ -1,35 +1,25 @@
-"""tools/compare_samplers.py: the calls -> SAMPLE_STEP mapping matches the model, and the table;
-the sampler's own count of its calls (used by the roofline) matches the calls it makes."""
+"""tools/dev/compare_samplers.py (its logic: diffusiondet.tooling.compare_samplers): the calls ->
+SAMPLE_STEP mapping matches the model, and the table; the sampler's own count of its calls (used
+by the roofline) matches the calls it makes."""
 import csv
-import importlib.util
 import os
 
 import pytest
 
 from detectron2.modeling import build_model
 
+from diffusiondet.tooling import compare_samplers as tool
 from tests.test_config_keys_observed import run_model
 from tests.utils import tiny_cfg
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("compare_samplers", os.path.join(ROOT, "tools", "compare_samplers.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("calls", [1, 2, 3, 4])
 def test_steps_for_calls_makes_that_many_model_calls(calls):
-    tool = _tool()
     cfg = tiny_cfg("MODEL.DiffusionDet.SAMPLE_STEP", tool.steps_for_calls(calls))
     assert len(run_model(cfg).calls) == calls
 
 
 def test_sampler_specs_parse_and_bad_ones_fail():
-    tool = _tool()
     name, opts = tool.parse_sampler("eta0=MODEL.DiffusionDet.SAMPLER_UPDATE:ddim,MODEL.DiffusionDet.DDIM_ETA:0.0")
     assert name == "eta0"
     assert opts == ["MODEL.DiffusionDet.SAMPLER_UPDATE", "ddim", "MODEL.DiffusionDet.DDIM_ETA", "0.0"]
@@ -42,7 +32,6 @@ def test_sampler_specs_parse_and_bad_ones_fail():
 
 
 def test_table_reads_each_samplers_sweep_by_call_count(tmp_path):
-    tool = _tool()
     # sweep.csv rows as tools/sweep.py writes them: steps, boxes, seed, metrics...
     data = {"a": {(1, 0): 10.0, (1, 1): 12.0, (3, 0): 20.0, (3, 1): 20.0},
             "b": {(1, 0): 11.0, (1, 1): 11.0, (3, 0): 30.0, (3, 1): 34.0}}  # fmt: skip

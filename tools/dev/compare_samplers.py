@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """AP against the number of model calls for several samplers, on one trained model.
 
-    python tools/compare_samplers.py --config-file configs/diffdet.synthetic.res18.yaml \
+    python tools/dev/compare_samplers.py --config-file configs/diffdet.synthetic.res18.yaml \
         --weights output/synthetic_res18/model_final.pth --calls 1 2 3 4 8 --boxes 300 --seeds 0 1 2
 
 Each sampler is a set of config overrides (``--samplers NAME=KEY:VALUE,KEY:VALUE ...``; default:
@@ -15,54 +15,17 @@ S > 1 steps make S − 1 calls (the last call's predictions are never used), so 
 S = c + 1 steps (c = 1 as S = 1).
 """
 import argparse
-import csv
 import os
-import statistics
 import subprocess
 import sys
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
+from diffusiondet.tooling.compare_samplers import parse_sampler, steps_for_calls, summarize
+
+TOOLS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/, with sweep.py
 DEFAULT_SAMPLERS = [
     "ddim_eta1=MODEL.DiffusionDet.SAMPLER_UPDATE:ddim,MODEL.DiffusionDet.DDIM_ETA:1.0",
     "ddim_eta0=MODEL.DiffusionDet.SAMPLER_UPDATE:ddim,MODEL.DiffusionDet.DDIM_ETA:0.0",
 ]
-
-
-def steps_for_calls(calls: int) -> int:
-    """SAMPLE_STEP that makes ``calls`` model calls under the official ensemble."""
-    if calls < 1:
-        raise ValueError(f"calls must be >= 1, got {calls}")
-    return 1 if calls == 1 else calls + 1
-
-
-def parse_sampler(spec: str):
-    """"name=KEY:VALUE,KEY:VALUE" -> (name, [KEY, VALUE, ...])."""
-    name, _, overrides = spec.partition("=")
-    if not name or not overrides:
-        raise ValueError(f"sampler spec must be NAME=KEY:VALUE[,KEY:VALUE...], got {spec!r}")
-    opts = []
-    for pair in overrides.split(","):
-        key, sep, value = pair.partition(":")
-        if not sep:
-            raise ValueError(f"{spec!r}: {pair!r} is not KEY:VALUE")
-        opts += [key, value]
-    return name, opts
-
-
-def summarize(output_dir, names, calls, metric):
-    """Markdown table: one row per call count, one column per sampler (mean ± std over seeds)."""
-    header = "| model calls | " + " | ".join(names) + " |"
-    lines = [header, "|---:|" + "---:|" * len(names)]
-    for c in calls:
-        cells = []
-        for name in names:
-            with open(os.path.join(output_dir, name, "sweep.csv")) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["steps"]) == steps_for_calls(c)]
-            values = [float(r[metric]) for r in rows]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.2f} ± {spread:.2f}")
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
