@@ -1,10 +1,10 @@
 """tools/demo.py end to end on CPU with a tiny random-weight model: images and a video file; and
-its drawing of small images (enlarged, small labels, masks).
+its drawing of small images (enlarged, small labels, masks). The code is
+diffusiondet.tooling.demo, run here as the script runs it (with diffusioninst's build_config).
 
 Shape legend: H×W image size, s the integer factor small images are drawn enlarged by; OpenCV
 images are (H, W, 3) uint8 BGR, Visualizer images (H, W, 3) uint8 RGB.
 """
-import importlib.util
 import logging
 import os
 
@@ -16,6 +16,8 @@ from detectron2.data.catalog import Metadata
 from detectron2.structures import Boxes, Instances
 
 from diffusiondet.data.synthetic import SYNTHETIC_CROWD_CLASSES
+from diffusiondet.tooling import demo
+from diffusioninst import build_config
 from tests.utils import TINY_OPTS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -25,18 +27,9 @@ FACTORS = {"a.png": 8, "b.png": 7}  # ceil(480 / H): the shorter side drawn with
 METADATA = Metadata(thing_classes=list(SYNTHETIC_CROWD_CLASSES))
 
 
-@pytest.fixture(scope="module")
-def demo():
-    path = os.path.join(ROOT, "tools", "demo.py")
-    spec = importlib.util.spec_from_file_location("demo_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(autouse=True)
 def _restore_project_logger():
-    # demo.main() calls detectron2's setup_logger, which stops "diffusiondet" records from
+    # The demo's main calls detectron2's setup_logger, which stops "diffusiondet" records from
     # propagating; other tests read those records through pytest's root-level caplog.
     logger = logging.getLogger("diffusiondet")
     saved = (list(logger.handlers), logger.propagate, logger.level)
@@ -54,6 +47,11 @@ def image_dir(tmp_path):
         assert cv2.imwrite(str(folder / name), rng.integers(0, 256, (height, width, 3), np.uint8))
     (folder / "broken.png").write_bytes(b"this is not a png")
     return folder
+
+
+def _main(argv):
+    """What tools/demo.py runs: the demo with diffusioninst's config builder."""
+    demo.main(argv, build_config=build_config)
 
 
 def _argv(*source):
@@ -79,28 +77,28 @@ def _assert_visualisations(out_dir, image_dir, names, enlarged=True):
         assert not changed.all()  # on the image, which is still visible
 
 
-def test_files_and_glob_inputs_write_visualisations(demo, image_dir, tmp_path):
+def test_files_and_glob_inputs_write_visualisations(image_dir, tmp_path):
     out_dir = tmp_path / "out"
-    demo.main(_argv("--input", str(image_dir / "a.png"), str(image_dir / "b*.png"),
-                    "--output", str(out_dir)))  # fmt: skip
+    _main(_argv("--input", str(image_dir / "a.png"), str(image_dir / "b*.png"),
+                "--output", str(out_dir)))  # fmt: skip
     _assert_visualisations(out_dir, image_dir, ["a.png", "b.png"])
 
 
-def test_draw_min_size_zero_keeps_the_image_size(demo, image_dir, tmp_path):
+def test_draw_min_size_zero_keeps_the_image_size(image_dir, tmp_path):
     out_dir = tmp_path / "out"
-    demo.main(_argv("--input", str(image_dir / "a.png"), "--output", str(out_dir),
-                    "--draw-min-size", "0"))  # fmt: skip
+    _main(_argv("--input", str(image_dir / "a.png"), "--output", str(out_dir),
+                "--draw-min-size", "0"))  # fmt: skip
     _assert_visualisations(out_dir, image_dir, ["a.png"], enlarged=False)
 
 
-def test_folder_with_an_unreadable_file_skips_it_with_a_warning(demo, image_dir, tmp_path):
+def test_folder_with_an_unreadable_file_skips_it_with_a_warning(image_dir, tmp_path):
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
     logging.getLogger("diffusiondet.demo").addHandler(handler)
     try:
         out_dir = tmp_path / "out"
-        demo.main(_argv("--input", str(image_dir), "--output", str(out_dir)))
+        _main(_argv("--input", str(image_dir), "--output", str(out_dir)))
     finally:
         logging.getLogger("diffusiondet.demo").removeHandler(handler)
     _assert_visualisations(out_dir, image_dir, ["a.png", "b.png"])
@@ -108,7 +106,7 @@ def test_folder_with_an_unreadable_file_skips_it_with_a_warning(demo, image_dir,
     assert len(warnings) == 1 and "broken.png" in warnings[0]
 
 
-def test_video_file_gives_a_video_with_every_frame(demo, tmp_path):
+def test_video_file_gives_a_video_with_every_frame(tmp_path):
     height, width, num_frames = 64, 80, 3
     video_in, video_out = str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4")
     writer = cv2.VideoWriter(video_in, cv2.VideoWriter_fourcc(*"mp4v"), 5, (width, height))
@@ -118,7 +116,7 @@ def test_video_file_gives_a_video_with_every_frame(demo, tmp_path):
         writer.write(rng.integers(0, 256, (height, width, 3), np.uint8))
     writer.release()
 
-    demo.main(_argv("--video-input", video_in, "--output", video_out))
+    _main(_argv("--video-input", video_in, "--output", video_out))
     capture = cv2.VideoCapture(video_out)
     frames = []
     while True:
@@ -142,7 +140,7 @@ def _instances(height, width, boxes, labels=True, masks=None):
     return instances
 
 
-def _draw(demo, image, instances, **kwargs):
+def _draw(image, instances, **kwargs):
     np.random.seed(0)  # Visualizer picks instance colours with np.random
     return demo.draw_predictions(image, instances, METADATA, **kwargs)
 
@@ -152,16 +150,16 @@ def _draw(demo, image, instances, **kwargs):
     [(50, 70, 10), (70, 50, 10), (64, 80, 8), (160, 160, 3), (220, 150, 4), (479, 900, 2),
      (480, 600, 1)],
 )  # fmt: skip
-def test_small_images_are_drawn_enlarged_by_an_integer_factor(demo, height, width, factor):
+def test_small_images_are_drawn_enlarged_by_an_integer_factor(height, width, factor):
     assert demo.draw_scale(height, width) == factor
     assert demo.draw_scale(height, width, min_size=0) == 1
     image = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
-    drawn = _draw(demo, image, _instances(height, width, []))
+    drawn = _draw(image, _instances(height, width, []))
     assert drawn.shape == (factor * height, factor * width, 3)
     np.testing.assert_array_equal(drawn, _enlarge(image, factor))  # nearest neighbour, aligned
 
 
-def test_labels_cover_a_small_part_of_a_small_image(demo):
+def test_labels_cover_a_small_part_of_a_small_image():
     # Four objects on a 48×72 image; labels such as "yellow_diamond 87%". Drawn at the image's
     # own size (the old behaviour), the labels hide about 40 % of the picture.
     height, width = 48, 72
@@ -169,8 +167,8 @@ def test_labels_cover_a_small_part_of_a_small_image(demo):
     boxes = [[4, 4, 24, 20], [40, 6, 66, 26], [8, 26, 30, 44], [44, 30, 68, 44]]
 
     def label_fraction(**kwargs):
-        with_labels = _draw(demo, image, _instances(height, width, boxes), **kwargs)
-        boxes_only = _draw(demo, image, _instances(height, width, boxes, labels=False), **kwargs)
+        with_labels = _draw(image, _instances(height, width, boxes), **kwargs)
+        boxes_only = _draw(image, _instances(height, width, boxes, labels=False), **kwargs)
         assert with_labels.shape == boxes_only.shape
         return (with_labels != boxes_only).any(axis=-1).mean()
 
@@ -180,15 +178,15 @@ def test_labels_cover_a_small_part_of_a_small_image(demo):
 
 
 @pytest.mark.parametrize("kind", ["bool", "probabilities"])
-def test_predicted_masks_are_drawn(demo, kind):
+def test_predicted_masks_are_drawn(kind):
     height, width, factor = 40, 64, 12
     image = np.full((height, width, 3), 128, np.uint8)
     mask = torch.zeros(1, height, width, dtype=torch.bool)
     mask[0, 8:32, 10:40] = True
     masks = mask if kind == "bool" else torch.where(mask, 0.9, 0.1)
     box = [[10, 8, 40, 32]]
-    drawn = _draw(demo, image, _instances(height, width, box, masks=masks))
-    without_masks = _draw(demo, image, _instances(height, width, box))
+    drawn = _draw(image, _instances(height, width, box, masks=masks))
+    without_masks = _draw(image, _instances(height, width, box))
     assert drawn.shape == without_masks.shape == (factor * height, factor * width, 3)
 
     inside = (slice(14 * factor, 26 * factor), slice(18 * factor, 32 * factor))
@@ -207,7 +205,7 @@ def test_predicted_masks_are_drawn(demo, kind):
     assert xs.min() >= 10 * factor - 3 and xs.max() < 40 * factor + 3
 
 
-def test_diffusioninst_config_draws_masks(demo, image_dir, tmp_path):
+def test_diffusioninst_config_draws_masks(image_dir, tmp_path):
     # The demo on a DiffusionInst config: predictions carry masks, which change the pixels
     # inside detections beyond the box outlines (compared with the same run without masks).
     inst_config = os.path.join(ROOT, "configs", "diffinst.synthetic.res18.yaml")
@@ -218,7 +216,7 @@ def test_diffusioninst_config_draws_masks(demo, image_dir, tmp_path):
         out_dir = tmp_path / arch
         argv = _argv("--input", str(image_dir / "a.png"), "--output", str(out_dir))
         argv[1] = inst_config
-        demo.main(argv + [*inst_opts, "MODEL.META_ARCHITECTURE", arch, "MODEL.MASK_ON", str(arch == "DiffusionInst")])
+        _main(argv + [*inst_opts, "MODEL.META_ARCHITECTURE", arch, "MODEL.MASK_ON", str(arch == "DiffusionInst")])
         outputs[arch] = cv2.imread(str(out_dir / "a.png"))
     original = _enlarge(cv2.imread(str(image_dir / "a.png")), FACTORS["a.png"])
     with_masks = (outputs["DiffusionInst"] != original).any(-1).mean()
