@@ -193,3 +193,82 @@ def test_float64_inputs():
     boxes = random_boxes(8, 50, 40, generator).double()[None]
     (match,) = DynamicKMatcher()(torch.randn(1, 8, 3, dtype=torch.float64), boxes, [target])
     check_valid_match(match, 8, 2)
+
+
+# --- centre-prior edges, the three class costs, per-GT dynamic k, non-candidates ----------
+# Costs below are compared with formulas written out here in float64, to 1e-6 relative.
+
+
+def hand_target(labels, boxes, w=200.0, h=100.0):
+    """One image's target dict from plain lists: GT classes, abs xyxy boxes, a w x h image."""
+    return {
+        "labels": torch.tensor(labels),
+        "boxes_xyxy": torch.tensor(boxes),
+        "image_size_xyxy": torch.tensor([w, h, w, h]),
+    }
+
+
+def test_centre_prior_is_strict_on_every_edge():
+    # GT (10, 20)-(30, 60): centre (20, 40); radius 2.5 x (20, 40) -> centre region (-30, 70) x (-60, 140).
+    gt = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
+    centres = [
+        (20, 40),  # inside both
+        (10, 40), (30, 40), (20, 20), (20, 60),  # on a box edge: near the centre, not in the box
+        (-30, 40), (70, 40), (20, -60), (20, 140),  # on a centre-region edge: no candidate
+        (-29, 40),  # just inside the centre region
+    ]
+    boxes = torch.tensor([[x - 1.0, y - 1.0, x + 1.0, y + 1.0] for x, y in centres])
+    is_candidate, in_both = DynamicKMatcher().center_prior(boxes, gt)
+    assert is_candidate.tolist() == [True] * 5 + [False] * 4 + [True]
+    assert in_both[:, 0].tolist() == [True] + [False] * 9
+
+
+def test_classification_costs_of_the_three_variants():
+    p = torch.tensor([[1e-6, 0.3, 0.999999], [0.5, 0.9, 0.02]], dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1])
+    q = p[:, labels]
+
+    def bce_form(pos_w, neg_w, gamma):
+        pos = pos_w * (1 - q) ** gamma * -torch.log(q + 1e-8)
+        neg = neg_w * q**gamma * -torch.log(1 - q + 1e-8)
+        return pos - neg
+
+    focal = DynamicKMatcher(focal_alpha=0.3, focal_gamma=1.5).class_cost(p, labels)
+    torch.testing.assert_close(focal, bce_form(0.3, 0.7, 1.5), rtol=1e-6, atol=0)
+    fed = DynamicKMatcher(use_focal=False, use_fed_loss=True).class_cost(p, labels)
+    torch.testing.assert_close(fed, bce_form(1.0, 1.0, 0.0), rtol=1e-6, atol=0)
+    softmax = DynamicKMatcher(use_focal=False).class_cost(p, labels)
+    assert torch.equal(softmax, -q)
+
+
+def test_softmax_matcher_normalises_over_the_classes_of_each_query():
+    logits = torch.tensor([[[3.0, 3.0, 0.0], [2.0, 0.0, 0.0]]])
+    probs = DynamicKMatcher(use_focal=False).class_probabilities(logits)
+    torch.testing.assert_close(probs, logits.softmax(-1))
+    # Same boxes: the query with the higher class-0 probability (the second) takes the GT.
+    boxes = torch.tensor([[[40.0, 40.0, 60.0, 60.0], [40.0, 40.0, 60.0, 60.0]]])
+    target = hand_target([0], [[30.0, 30.0, 80.0, 80.0]])
+    (fg, gt), = DynamicKMatcher(use_focal=False, ota_k=1)(logits, boxes, [target])
+    assert fg.tolist() == [False, True] and gt.tolist() == [0]
+
+
+def test_non_candidates_keep_their_cost_order():
+    # No query is near the GT: all pay not_fg_cost, and the closest one (the last) still wins.
+    gt = [[10.0, 10.0, 12.0, 12.0]]
+    boxes = torch.tensor([[150.0, 80.0, 160.0, 90.0], [120.0, 60.0, 130.0, 70.0], [60.0, 40.0, 70.0, 50.0]])
+    fg, gt_index = DynamicKMatcher().match_image(torch.full((3, 3), 0.5), boxes, hand_target([0], gt))
+    assert fg.tolist() == [False, False, True] and gt_index.tolist() == [0]
+
+
+def test_each_gt_takes_exactly_its_own_dynamic_k():
+    # ota_k = 2: GT 0's two best IoUs sum to 2 (k = 2), GT 1's to 1.5 (k = 1).
+    cost = torch.tensor([[5.0, 3.0], [6.0, 5.0], [9.0, 6.0]])
+    ious = torch.tensor([[1.0, 0.5], [1.0, 1.0], [0.5, 0.5]])
+    assert DynamicKMatcher(ota_k=2).dynamic_k(ious).tolist() == [2, 1]
+    fg, gt = DynamicKMatcher(ota_k=2).assign(cost, ious)
+    # Query 0 is taken by both GTs and keeps its cheaper one (GT 1); query 2 by none.
+    assert fg.tolist() == [True, True, False] and gt.tolist() == [1, 0]
+    # A query taken by a single GT keeps it, even when another GT would be cheaper for it.
+    cost = torch.tensor([[1.0, 0.5], [5.0, 0.1]])
+    fg, gt = DynamicKMatcher(ota_k=1).assign(cost, torch.full((2, 2), 0.5))
+    assert fg.tolist() == [True, True] and gt.tolist() == [0, 1]
