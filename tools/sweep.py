@@ -15,14 +15,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from detectron2.utils.logger import setup_logger
 
-from detectron2.utils.logger import setup_logger  # noqa: E402
-
-from diffusiondet.engine import DiffusionDetCheckpointer, Trainer  # noqa: E402
-from diffusioninst import build_config  # noqa: E402  DiffusionDet and DiffusionInst configs
-from diffusiondet.evaluation.sweep import combinations, run_sweep  # noqa: E402
-from diffusiondet.evaluation.sweep_report import write_reports  # noqa: E402
+from diffusiondet.engine import DiffusionDetCheckpointer, Trainer
+from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs
+from diffusiondet.evaluation.sweep import combinations, run_sweep
+from diffusiondet.evaluation.sweep_report import write_reports
 
 
 def parse_args(argv=None):

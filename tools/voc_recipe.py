@@ -13,8 +13,6 @@
 ``--opts KEY VALUE ...`` (last on the line) overrides the config in training and evaluation.
 """
 import argparse
-import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -28,14 +26,6 @@ SIZES = ["INPUT.MIN_SIZE_TRAIN", "(288, 320, 352)", "INPUT.MAX_SIZE_TRAIN", "640
 # The training recipe the README's BCCD figures were measured with (the main job's config has
 # since moved to 100 boxes at lr 4e-4 for its 160 px synthetic set); --opts override them.
 RECIPE = ["MODEL.DiffusionDet.NUM_PROPOSALS", "50", "SOLVER.BASE_LR", "0.0002"]
-
-
-def _converter():
-    path = os.path.join(ROOT, "datasets", "convert_voc_to_coco.py")
-    spec = importlib.util.spec_from_file_location("convert_voc_to_coco", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv=None):
@@ -59,13 +49,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = os.path.abspath(args.output_dir)
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
-    convert = _converter()
-    classes = convert.find_classes(os.path.join(args.voc_root, "Annotations"))
     jsons = {}
     for role, split in (("train", args.train_split), ("test", args.test_split)):
         jsons[role] = os.path.join(out, "annotations", f"{split}.json")
-        with open(jsons[role], "w") as f:
-            json.dump(convert.convert_voc_split(args.voc_root, split, classes=classes), f)
+        # The converter numbers the classes found in every xml file of the tree, not only the
+        # split's, so both splits get one class list.
+        cmd = [sys.executable, os.path.join(ROOT, "datasets", "convert_voc_to_coco.py"),
+               "--voc-root", args.voc_root, "--split", split, "--output", jsons[role]]  # fmt: skip
+        subprocess.run(cmd, check=True)
     images = os.path.join(os.path.abspath(args.voc_root), "JPEGImages")
     data = ["DATASETS.CUSTOM.TRAIN_JSON", jsons["train"], "DATASETS.CUSTOM.TRAIN_IMAGES", images,
             "DATASETS.CUSTOM.TEST_JSON", jsons["test"], "DATASETS.CUSTOM.TEST_IMAGES", images]  # fmt: skip
