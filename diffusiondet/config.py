@@ -4,12 +4,18 @@ Every key lives under ``MODEL.DiffusionDet`` (the official node name, so officia
 unchanged). Keys the official code already has keep their names and defaults; every constant the
 official code hard-codes is a key here whose default equals the official value.
 Only this file, ``from_config`` classmethods and ``diffusiondet/engine`` read a ``cfg``.
+
+:func:`build_config` (command line -> validated config) lives here too, with the extension seam
+of ``config_extensions``; it imports the data and model code only when it runs, by name, so that
+importing this module never imports the model.
 """
+from detectron2.config import CfgNode, get_cfg
 from detectron2.config import CfgNode as CN
 
 from .diffusion import PADDING_STRATEGIES
 from .backbone_config import add_backbone_config, backbone_config_errors
 from .options import ENSEMBLE_MODES, INFERENCE_AMP_DTYPES, SAMPLER_UPDATES, SAMPLING_MODES
+from .config_extensions import register_config_extension, resolve_config_extensions
 
 
 def add_diffusiondet_config(cfg):
@@ -277,3 +283,77 @@ def validate_diffusiondet_config(cfg):
     errors = [msg for ok, msg in checks if not ok] + backbone_config_errors(cfg)
     if errors:
         raise ValueError("Invalid DiffusionDet config:\n  " + "\n  ".join(errors))
+
+
+def shorthand_opts(steps=None, boxes=None):
+    """Translate --steps/--boxes into config overrides (validated with the rest of the config)."""
+    opts = []
+    if boxes is not None and boxes < 1:
+        # 0 is the config's "same as NUM_PROPOSALS"; on the command line it is a mistake.
+        raise ValueError(f"--boxes (MODEL.DiffusionDet.EVAL_NUM_PROPOSALS) must be >= 1, got {boxes}")
+    if steps is not None:
+        opts += ["MODEL.DiffusionDet.SAMPLE_STEP", steps]
+    if boxes is not None:
+        opts += ["MODEL.DiffusionDet.EVAL_NUM_PROPOSALS", boxes]
+    return opts
+
+
+def _check_override_keys(cfg, opts):
+    """yacs reports an unknown command-line key with an ``assert`` (gone under ``python -O``);
+    raise the KeyError that an unknown key in a YAML file gets instead."""
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs; got an odd number: {list(opts)}")
+    for key in opts[0::2]:
+        node = cfg
+        for part in str(key).split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise KeyError(f"Non-existent config key: {key}")
+            node = node[part]
+
+
+# The core goes through the same seam as the packages built on it. Its registrations are named,
+# not imported: the data package registers the built-in datasets (synthetic_crowd_*, CrowdHuman),
+# the modeling package the DiffusionDet meta-architecture and the Swin/timm backbones, which
+# detectron2's build_model and build_backbone look up by name.
+DIFFUSIONDET_EXTENSION = register_config_extension(
+    "diffusiondet",
+    add_config=add_diffusiondet_config,
+    validate=validate_diffusiondet_config,
+    registers=("diffusiondet.data.datasets", "diffusiondet.modeling"),
+    prepare="diffusiondet.data.datasets.custom:register_custom_datasets",
+)
+
+
+def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=()):
+    """Build and validate a (not yet frozen) config; registers what it names.
+
+    Args:
+        config_file: YAML file merged over the defaults ("" for the defaults alone).
+        opts: ``KEY VALUE`` overrides; an unknown key raises ``KeyError``.
+        steps, boxes: the ``--steps`` / ``--boxes`` shorthands.
+        extensions: names of packages that registered a config extension (imported here if
+            needed) or ``ConfigExtension`` objects, applied after the core in the given order.
+            See ``diffusiondet.config_extensions`` for what each contributes and when.
+
+    When it returns, the datasets, meta-architectures and backbones of the core and of every
+    extension are registered, and ``DATASETS.CUSTOM`` json files are registered as
+    custom_train / custom_test (with ``NUM_CLASSES`` taken from the training json).
+    """
+    # The core always comes first; a caller that also names "diffusiondet" changes nothing.
+    chain = resolve_config_extensions([DIFFUSIONDET_EXTENSION, *resolve_config_extensions(extensions)])
+    cfg = get_cfg()
+    for extension in chain:
+        if extension.add_config is not None:
+            extension.add_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    opts = list(opts) + shorthand_opts(steps, boxes)
+    _check_override_keys(cfg, opts)
+    cfg.merge_from_list(opts)
+    # Every check before any registration: a bad value fails before the model code is imported.
+    for extension in chain:
+        if extension.validate is not None:
+            extension.validate(cfg)
+    for extension in chain:
+        extension.load_registrations(cfg)
+    return cfg

@@ -3,10 +3,14 @@
 The detector keys (proposals, head, matching, diffusion, sampling) stay under
 ``MODEL.DiffusionDet``: DiffusionInst is DiffusionDet plus masks. ``MODEL.DiffusionInst`` holds
 the mask keys; each default is the constant the official DiffusionInst code hard-codes.
+
+Importing this module registers the ``diffusioninst`` config extension (see
+``diffusiondet.config_extensions``); the model code is named there, not imported.
 """
 from detectron2.config import CfgNode as CN
 
-from diffusiondet.engine import build_config as build_diffusiondet_config
+from diffusiondet.config import build_config as build_diffusiondet_config
+from diffusiondet.config_extensions import register_config_extension
 
 __all__ = ["add_diffusioninst_config", "validate_diffusioninst_config", "build_config"]
 
@@ -83,13 +87,26 @@ def validate_diffusioninst_config(cfg):
         raise ValueError("Invalid DiffusionInst config:\n  " + "\n  ".join(errors))
 
 
-def build_config(config_file="", opts=(), steps=None, boxes=None):
-    """``diffusiondet.engine.build_config`` with the DiffusionInst keys: builds DiffusionDet and
-    DiffusionInst configs alike (the mask keys are unused by DiffusionDet)."""
+# build_model looks the meta-architecture up by the name in the config: importing the modeling
+# package registers "DiffusionInst" (and, through diffusiondet.modeling, "DiffusionDet").
+register_config_extension(
+    "diffusioninst",
+    add_config=add_diffusioninst_config,
+    validate=validate_diffusioninst_config,
+    registers=("diffusioninst.modeling",),
+)
+
+
+def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=()):
+    """``diffusiondet.config.build_config`` with the DiffusionInst extension first: builds
+    DiffusionDet and DiffusionInst configs alike (the mask keys are unused by DiffusionDet).
+
+    ``extensions`` names further extensions, applied after DiffusionInst's.
+    """
     return build_diffusiondet_config(
         config_file,
         opts,
         steps=steps,
         boxes=boxes,
-        extensions=[(add_diffusioninst_config, validate_diffusioninst_config)],
+        extensions=("diffusioninst", *extensions),
     )
