@@ -231,11 +231,12 @@ def test_fp16_inference_on_cpu_runs_in_half_and_stays_close():
     # Same noise, so the model call sees the same boxes: fp16 predictions are close to fp32.
     # Measured for this random head, AVX-512 / AVX2 one thread: max |Δlogit| 0.06 / 0.05,
     # median |Δbox| 0.04 / 0.03 px, max 0.5 / 0.6 px; best detection 0.3 / 0.25 px and 3e-4 /
-    # 5e-4 apart; 73 % / 65 % of the detections found again.
+    # 5e-4 apart; 73 % / 65 % of the detections found again. On an AMD EPYC (AVX-512 native /
+    # AVX2 one thread) the largest box difference is 0.71 / 0.77 px: 1.5 px is twice that.
     (h_call,), (f_call,) = calls["fp16"], calls["fp32"]
     torch.testing.assert_close(h_call["pred_logits"], f_call["pred_logits"], atol=0.25, rtol=0)
     box_error = (h_call["pred_boxes"] - f_call["pred_boxes"]).abs()
-    assert box_error.median() < 0.2 and box_error.max() < 5.0
+    assert box_error.median() < 0.2 and box_error.max() < 1.5
     # ... and so are the detections: the best one is found again, and most of the others.
     assert half.pred_classes[0] == ref.pred_classes[0]
     assert (half.pred_boxes.tensor[0] - ref.pred_boxes.tensor[0]).abs().max() < 2.0

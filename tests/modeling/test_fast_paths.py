@@ -288,7 +288,9 @@ def test_bf16_inference_runs_and_stays_close(model):
     assert low["pred_logits"].dtype == torch.bfloat16
     torch.testing.assert_close(low["pred_logits"].float(), ref["pred_logits"], atol=0.1, rtol=0.05)
     box_error = (low["pred_boxes"] - ref["pred_boxes"]).abs()  # pixels, image 80 x 64
-    assert box_error.median() < 0.5 and box_error.max() < 5.0
+    # bf16 keeps 8 significant bits (0.25-0.5 px steps at these coordinates). Measured on an AMD
+    # EPYC, AVX-512 native / AVX2 one thread: median 0.049 / 0.039 px, max 2.49 / 2.45 px.
+    assert box_error.median() < 0.5 and box_error.max() < 3.5
 
     model.inference_amp = "bf16"
     amp = _infer(model, inputs, [5])[0]

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.modeling.box_regression import Box2BoxTransform
 
 from diffusiondet.modeling.head import (
@@ -280,9 +281,22 @@ def test_sinusoidal_time_embedding_formula_and_mlp_names():
 
 @pytest.mark.parametrize("activation", ["gelu", "glu"])
 def test_other_activations_run(activation):
+    function = {"gelu": F.gelu, "glu": F.glu}[activation]
     head = _small_head(activation=activation, num_stages=1)
-    out = head(_features(1), _random_boxes(1, 3), torch.tensor([1]))
+    stage = head.head_series[0]
+    seen = {}
+    stage.linear1.register_forward_hook(lambda module, args, out: seen.update(before=out))
+    stage.linear2.register_forward_pre_hook(lambda module, args: seen.update(after=args[0]))
+    features, boxes, t = _features(1), _random_boxes(1, 3), torch.tensor([1])
+    out = head(features, boxes, t)
     assert out["pred_logits"].shape == (1, 1, 3, 3)
+    # The FFN applies exactly this function to linear1's output (dropout is 0); glu halves it.
+    assert torch.equal(seen["after"], function(seen["before"]))
+    # Relu at the width linear2 takes, on the same weights, changes the predictions.
+    width = seen["after"].shape[-1]
+    stage.activation = lambda x: F.relu(x[..., :width])
+    relu_out = head(features, boxes, t)
+    assert not torch.allclose(relu_out["pred_logits"], out["pred_logits"], atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize(

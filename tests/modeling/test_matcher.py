@@ -115,9 +115,11 @@ def test_every_gt_matched_when_predictions_cover_separated_gts():
     (match,) = DynamicKMatcher()(logits, preds[None], [target])
     check_valid_match(match, 40, 4)
     assert set(match[1].tolist()) == {0, 1, 2, 3}
-    # each GT's positives are its own jittered copies (the geometry prior and costs agree)
+    # each GT's positives are its own jittered copies (the geometry prior and costs agree).
+    # Measured: the 10 positives lie within 3.66 px of their GT (the 12 copies within 5.53 px, a
+    # random box tens of px away), the same natively and under the AVX2 one-thread emulation.
     fg_boxes = preds[match[0]]
-    assert torch.allclose(fg_boxes, gt_boxes[match[1]], atol=10.0)
+    assert torch.allclose(fg_boxes, gt_boxes[match[1]], atol=4.0, rtol=0)
 
 
 def test_stale_conflict_mask_keeps_shared_query_and_drops_higher_gt():
