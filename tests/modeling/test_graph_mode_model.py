@@ -70,8 +70,26 @@ def test_graph_sampler_with_detectron2_pooling_is_exactly_the_parity_sampler():
 
 def test_graph_mode_pools_with_fixed_shapes_only_while_sampling():
     model, _ = run("graph")
-    assert model.head.fixed_shape_pooler is not None
-    assert not model.head.fixed_shape_pooling  # training and later parity runs use detectron2's
+    calls = {"fixed": 0, "detectron2": 0}
+
+    def count(name):
+        return lambda module, args, out: calls.update({name: calls[name] + 1})
+
+    model.head.fixed_shape_pooler.register_forward_hook(count("fixed"))
+    model.head.box_pooler.register_forward_hook(count("detectron2"))
+    stages = len(model.head.head_series)
+    run("graph", model=model)
+    # Every stage of every model call of the sampling loop pools with fixed shapes.
+    assert calls == {"fixed": model.sampler.model_calls() * stages, "detectron2": 0}
+    assert not model.head.fixed_shape_pooling  # switched off again when sampling ends
+    # Outside sampling, a single model call and a training step pool with detectron2's pooler.
+    calls.update(fixed=0, detectron2=0)
+    _, _, features = model.inference_features(INPUTS)
+    boxes = torch.tensor([[[8.0, 8.0, 40.0, 30.0]]] * len(INPUTS))
+    with torch.no_grad():
+        model.denoise(features, boxes, torch.tensor([500] * len(INPUTS)))
+        model.train().forward_training(INPUTS)
+    assert calls == {"fixed": 0, "detectron2": 2 * stages}
 
 
 def test_compiled_step_is_one_graph_for_every_call_and_batch():
