@@ -12,11 +12,42 @@ from detectron2.modeling import build_model
 from diffusioninst import build_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
-CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+# Every YAML directly under configs/, by name: a file added or removed there fails
+# test_configs_found until it is listed here, so each one is built below.
+CONFIG_NAMES = (
+    "Base-DiffusionDet.yaml",
+    "Base-DiffusionInst.yaml",
+    "diffdet.coco.res101.yaml",
+    "diffdet.coco.res50.300boxes.yaml",
+    "diffdet.coco.res50.yaml",
+    "diffdet.coco.swinbase.yaml",
+    "diffdet.coco_to_crowdhuman.res50.yaml",
+    "diffdet.crowdhuman.res50.yaml",
+    "diffdet.effnet_lite0.pretrained.cpu.yaml",
+    "diffdet.effnet_lite0.scratch.cpu.yaml",
+    "diffdet.lvis.res101.yaml",
+    "diffdet.lvis.res50.yaml",
+    "diffdet.lvis.swinbase.yaml",
+    "diffdet.synthetic.res18.yaml",
+    "diffinst.coco.res101.yaml",
+    "diffinst.coco.res50.inst.yaml",
+    "diffinst.coco.res50.yaml",
+    "diffinst.coco.swinbase.yaml",
+    "diffinst.lvis.res101.yaml",
+    "diffinst.lvis.res50.yaml",
+    "diffinst.lvis.swinbase.yaml",
+    "diffinst.synthetic.res18.yaml",
+    "diffinst.tiny_coco.res18.yaml",
+)
+CONFIGS = [os.path.join(CONFIG_DIR, name) for name in CONFIG_NAMES]
 
 
 def test_configs_found():
-    assert len(CONFIGS) >= 6
+    on_disk = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+    assert sorted(CONFIG_NAMES) == on_disk
+    # ... and the build test below is parametrised with exactly these files.
+    (params,) = [m for m in test_every_config_builds.pytestmark if m.name == "parametrize"]
+    assert sorted(os.path.basename(p) for p in params.args[1]) == on_disk
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
@@ -35,7 +66,7 @@ def test_every_config_builds(path):
 
 
 def test_official_diffusioninst_head_size():
-    # Measured on the official head (spec §6.1): COCO, 80 classes.
+    # Measured by instantiating the official DiffusionInst head: COCO, 80 classes.
     cfg = build_config(
         os.path.join(CONFIG_DIR, "diffinst.coco.res50.yaml"), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
     )
