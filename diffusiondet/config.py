@@ -279,6 +279,69 @@ def validate_diffusiondet_config(cfg):
             cfg.SOLVER.MAX_NONFINITE_STEPS >= 0,
             f"SOLVER.MAX_NONFINITE_STEPS must be >= 0, got {cfg.SOLVER.MAX_NONFINITE_STEPS}",
         ),
+        # Head sizes: out of range they fail deep inside torch, or (negative tower depths, an
+        # odd glu width) build a model that is not the one asked for.
+        (
+            d.NHEADS >= 1 and d.HIDDEN_DIM % d.NHEADS == 0,
+            f"MODEL.DiffusionDet.NHEADS must be >= 1 and divide HIDDEN_DIM ({d.HIDDEN_DIM}), got {d.NHEADS}",
+        ),
+        (0.0 <= d.DROPOUT < 1.0, f"MODEL.DiffusionDet.DROPOUT must be in [0, 1), got {d.DROPOUT}"),
+        (
+            d.DIM_FEEDFORWARD >= 1 and (d.ACTIVATION != "glu" or d.DIM_FEEDFORWARD % 2 == 0),
+            "MODEL.DiffusionDet.DIM_FEEDFORWARD must be >= 1, and even with MODEL.DiffusionDet.ACTIVATION"
+            f" 'glu' (which halves it); got {d.DIM_FEEDFORWARD} with ACTIVATION {d.ACTIVATION!r}",
+        ),
+        (d.NUM_CLS >= 0, f"MODEL.DiffusionDet.NUM_CLS must be >= 0, got {d.NUM_CLS}"),
+        (d.NUM_REG >= 0, f"MODEL.DiffusionDet.NUM_REG must be >= 0, got {d.NUM_REG}"),
+        (d.NUM_HEADS >= 1, f"MODEL.DiffusionDet.NUM_HEADS must be >= 1, got {d.NUM_HEADS}"),
+        (d.DIM_DYNAMIC >= 1, f"MODEL.DiffusionDet.DIM_DYNAMIC must be >= 1, got {d.DIM_DYNAMIC}"),
+        (
+            d.DYNAMIC_CHUNK_SIZE >= 0,
+            f"MODEL.DiffusionDet.DYNAMIC_CHUNK_SIZE must be >= 0 (0 = automatic), got {d.DYNAMIC_CHUNK_SIZE}",
+        ),
+        (
+            d.BBOX_SCALE_CLAMP > 0,
+            f"MODEL.DiffusionDet.BBOX_SCALE_CLAMP must be > 0, got {d.BBOX_SCALE_CLAMP}",
+        ),
+        # Loss and matching: a negative weight or cost rewards the wrong predictions; focal alpha
+        # weighs positives against negatives; PRIOR_PROB 0 or 1 makes the initial classifier bias
+        # -ln((1 - p) / p) infinite (0 divides by zero).
+        (d.CLASS_WEIGHT >= 0, f"MODEL.DiffusionDet.CLASS_WEIGHT must be >= 0, got {d.CLASS_WEIGHT}"),
+        (d.GIOU_WEIGHT >= 0, f"MODEL.DiffusionDet.GIOU_WEIGHT must be >= 0, got {d.GIOU_WEIGHT}"),
+        (d.L1_WEIGHT >= 0, f"MODEL.DiffusionDet.L1_WEIGHT must be >= 0, got {d.L1_WEIGHT}"),
+        (
+            d.NO_OBJECT_WEIGHT >= 0,
+            f"MODEL.DiffusionDet.NO_OBJECT_WEIGHT must be >= 0, got {d.NO_OBJECT_WEIGHT}",
+        ),
+        (0.0 <= d.ALPHA <= 1.0, f"MODEL.DiffusionDet.ALPHA must be in [0, 1], got {d.ALPHA}"),
+        (d.GAMMA >= 0.0, f"MODEL.DiffusionDet.GAMMA must be >= 0, got {d.GAMMA}"),
+        (
+            0.0 < d.PRIOR_PROB < 1.0,
+            f"MODEL.DiffusionDet.PRIOR_PROB must be in (0, 1), got {d.PRIOR_PROB}",
+        ),
+        (
+            d.FED_LOSS_NUM_CLASSES >= 1,
+            f"MODEL.DiffusionDet.FED_LOSS_NUM_CLASSES must be >= 1, got {d.FED_LOSS_NUM_CLASSES}",
+        ),
+        (d.CENTER_RADIUS >= 0, f"MODEL.DiffusionDet.CENTER_RADIUS must be >= 0, got {d.CENTER_RADIUS}"),
+        (
+            d.NOT_IN_BOTH_COST >= 0,
+            f"MODEL.DiffusionDet.NOT_IN_BOTH_COST must be >= 0, got {d.NOT_IN_BOTH_COST}",
+        ),
+        (d.NOT_FG_COST >= 0, f"MODEL.DiffusionDet.NOT_FG_COST must be >= 0, got {d.NOT_FG_COST}"),
+        (
+            d.DETECTIONS_PER_IMAGE >= 0,
+            f"MODEL.DiffusionDet.DETECTIONS_PER_IMAGE must be >= 0 (0 keeps all), got {d.DETECTIONS_PER_IMAGE}",
+        ),
+        (
+            cfg.SOLVER.BACKBONE_MULTIPLIER >= 0,
+            f"SOLVER.BACKBONE_MULTIPLIER must be >= 0, got {cfg.SOLVER.BACKBONE_MULTIPLIER}",
+        ),
+        (
+            len(cfg.INPUT.CROP.PRE_CROP_MIN_SIZES) >= 1 and min(cfg.INPUT.CROP.PRE_CROP_MIN_SIZES) >= 1,
+            "INPUT.CROP.PRE_CROP_MIN_SIZES must be one or more sizes >= 1, got"
+            f" {tuple(cfg.INPUT.CROP.PRE_CROP_MIN_SIZES)}",
+        ),
     ]
     errors = [msg for ok, msg in checks if not ok] + backbone_config_errors(cfg)
     if errors:

@@ -81,6 +81,12 @@ def validate_diffusioninst_config(cfg):
             m.MASK_NORM in ("", "BN", "SyncBN", "GN", "naiveSyncBN", "FrozenBN"),
             f"MODEL.DiffusionInst.MASK_NORM {m.MASK_NORM!r} is not a detectron2 norm name",
         ),
+        (
+            # detectron2's "GN" is GroupNorm with 32 groups over the branch width.
+            m.MASK_NORM != "GN" or m.MASK_BRANCH_CHANNELS % 32 == 0,
+            "MODEL.DiffusionInst.MASK_BRANCH_CHANNELS must be a multiple of 32 with MASK_NORM 'GN',"
+            f" got {m.MASK_BRANCH_CHANNELS}",
+        ),
     ]
     errors = [msg for ok, msg in checks if not ok]
     if errors:

@@ -179,7 +179,7 @@ HEAD_ROWS = [
     Row("DYNAMIC_MEMORY_BUDGET_MB", "off-CPU chunks per DynamicConv call (1100 boxes)",
         [512, 1, 0, -1], off_cpu_chunks, [1, 3, 1, "ValueError"]),
     Row("BBOX_SCALE_CLAMP", "max predicted/input width <= exp(clamp)",
-        [8.740336742730447, -1.0, 0.0], width_ratio_max, clamp_bound),
+        [8.740336742730447, 0.5, 0.1], width_ratio_max, clamp_bound),
     Row("PRIOR_PROB", "initial logits minus logit(prior)", [0.01, 0.2, 0.5],
         logits_minus_prior, SAME),
     Row("POOLER_THREADS", "RoIAlign calls per level (parallel parts)", [1, 2, 3],
