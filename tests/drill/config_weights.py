@@ -49,6 +49,30 @@ BAD_VALUES = [
     ("DATASETS.CUSTOM.TRAIN_IMAGES", "train_images", ()),
     ("DATASETS.CUSTOM.TEST_JSON", "test.json", ()),
     ("DATASETS.CUSTOM.TEST_IMAGES", "test_images", ()),
+    ("MODEL.DiffusionDet.NHEADS", 3, ()),
+    ("MODEL.DiffusionDet.DROPOUT", 1.0, ()),
+    ("MODEL.DiffusionDet.DIM_FEEDFORWARD", 0, ()),
+    ("MODEL.DiffusionDet.ACTIVATION", "glu", ("MODEL.DiffusionDet.DIM_FEEDFORWARD", 63)),
+    ("MODEL.DiffusionDet.NUM_CLS", -1, ()),
+    ("MODEL.DiffusionDet.NUM_REG", -1, ()),
+    ("MODEL.DiffusionDet.NUM_HEADS", 0, ()),
+    ("MODEL.DiffusionDet.DIM_DYNAMIC", 0, ()),
+    ("MODEL.DiffusionDet.DYNAMIC_CHUNK_SIZE", -1, ()),
+    ("MODEL.DiffusionDet.BBOX_SCALE_CLAMP", 0.0, ()),
+    ("MODEL.DiffusionDet.CLASS_WEIGHT", -2.0, ()),
+    ("MODEL.DiffusionDet.GIOU_WEIGHT", -2.0, ()),
+    ("MODEL.DiffusionDet.L1_WEIGHT", -5.0, ()),
+    ("MODEL.DiffusionDet.NO_OBJECT_WEIGHT", -0.1, ()),
+    ("MODEL.DiffusionDet.ALPHA", 1.5, ()),
+    ("MODEL.DiffusionDet.GAMMA", -2.0, ()),
+    ("MODEL.DiffusionDet.PRIOR_PROB", 0.0, ()),
+    ("MODEL.DiffusionDet.FED_LOSS_NUM_CLASSES", 0, ()),
+    ("MODEL.DiffusionDet.CENTER_RADIUS", -1.0, ()),
+    ("MODEL.DiffusionDet.NOT_IN_BOTH_COST", -100.0, ()),
+    ("MODEL.DiffusionDet.NOT_FG_COST", -1.0, ()),
+    ("MODEL.DiffusionDet.DETECTIONS_PER_IMAGE", -1, ()),
+    ("SOLVER.BACKBONE_MULTIPLIER", -1.0, ()),
+    ("INPUT.CROP.PRE_CROP_MIN_SIZES", (400, 0), ()),
 ]
 # A second check on a key already in the table: SAMPLE_STEP may not exceed NUM_TIMESTEPS.
 EXTRA_BAD_VALUES = [("MODEL.DiffusionDet.SAMPLE_STEP", 50, ("MODEL.DiffusionDet.NUM_TIMESTEPS", 20))]
@@ -71,8 +95,9 @@ def _validated_keys():
     from diffusiondet.config import validate_diffusiondet_config
 
     source = inspect.getsource(validate_diffusiondet_config) + inspect.getsource(backbone_config_errors)
-    keys = {"MODEL.DiffusionDet." + k for k in re.findall(r"\bd\.([A-Z_]+)", source)}
-    keys |= {k for k in re.findall(r"\bcfg\.((?:[A-Z_]+\.)*[A-Z_]+)\b", source) if "." in k}
+    # Key names may hold digits after their first letter (L1_WEIGHT).
+    keys = {"MODEL.DiffusionDet." + k for k in re.findall(r"\bd\.([A-Z_][A-Z0-9_]*)", source)}
+    keys |= {k for k in re.findall(r"\bcfg\.((?:[A-Z_][A-Z0-9_]*\.)*[A-Z_][A-Z0-9_]*)\b", source) if "." in k}
     return keys
 
 
