@@ -1,7 +1,9 @@
-"""Every key under ``MODEL.DiffusionDet`` is observed through behaviour, not through attributes.
+"""Every config key the project adds is observed through behaviour, not through attributes.
 
-The rows live in ``test_config_keys_observed_model.py`` (head, sampler, inference) and
-``test_config_keys_observed_training.py`` (corruption, matcher, losses). A row sets ONE key
+The rows live in ``test_config_keys_observed_model.py`` (head, sampler, inference),
+``test_config_keys_observed_training.py`` (corruption, matcher, losses) and
+``test_config_keys_observed_other.py`` (``MODEL.DiffusionInst``, the optimizer and backbone keys,
+and the table of keys whose observation is another test's). A row sets ONE key
 through the config (``tests.utils.tiny_cfg``, then ``build_model`` or the builders of
 ``diffusiondet/modeling/builders.py``, never by editing a built model), runs the component with
 fixed seeds on non-square inputs and returns something comparable: detections, losses, matches,
@@ -10,8 +12,8 @@ observation per value), ``DIFFER`` (all observations pairwise different), ``SAME
 for observations normalised by the value) or a function ``(values, observations)`` that asserts.
 A config that fails validation is observed as the exception's class name.
 
-This file holds the shared harness and the completeness test: a key added to
-``add_diffusiondet_config`` without a row fails here.
+This file holds the shared harness and the completeness test: a key added by DiffusionDet's or
+DiffusionInst's config (whatever its node) without a row or a referenced test fails here.
 """
 import dataclasses
 import math
@@ -21,10 +23,10 @@ from typing import Any, Callable, Optional, Sequence
 import pytest
 import torch
 
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
-from diffusiondet.config import add_diffusiondet_config
+from diffusiondet.config_extensions import resolve_config_extensions
 from diffusiondet.diffusion import TorchRandom
 from tests.utils import random_input, tiny_cfg
 
@@ -35,7 +37,7 @@ IMAGE_HW = (64, 96)  # non-square on purpose
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    key: str  # under MODEL.DiffusionDet
+    key: str  # under ``node``
     observed: str  # what is observed (also the test id)
     values: Sequence[Any]
     observe: Callable  # cfg -> comparable observation
@@ -43,10 +45,17 @@ class Row:
     base: Sequence[Any] = ()  # other opts held fixed for every value
     extra: Optional[Callable] = None  # value -> opts that must change with it
     known_bug: str = ""  # a real bug: the row is a strict xfail until it is fixed
+    node: str = "MODEL.DiffusionDet"  # the config node of ``key``
+    config_file: str = ""  # the YAML tiny_cfg starts from ("" = its default, DiffusionDet)
+
+    @property
+    def full_key(self) -> str:
+        return f"{self.node}.{self.key}"
 
     def param(self):
         marks = [pytest.mark.xfail(strict=True, reason=self.known_bug)] if self.known_bug else []
-        return pytest.param(self, id=f"{self.key}-{self.observed}", marks=marks)
+        name = self.key if self.node == "MODEL.DiffusionDet" else self.full_key
+        return pytest.param(self, id=f"{name}-{self.observed}", marks=marks)
 
 
 def same(a, b) -> bool:
@@ -66,11 +75,12 @@ def same(a, b) -> bool:
 def observe_row(row: Row) -> list:
     observations = []
     for value in row.values:
-        opts = list(row.base) + [f"MODEL.DiffusionDet.{row.key}", value]
+        opts = list(row.base) + [row.full_key, value]
         opts += list(row.extra(value)) if row.extra else []
+        start = {"config_file": row.config_file} if row.config_file else {}
         try:
-            cfg = tiny_cfg(*opts)
-        except ValueError as error:  # rejected at start-up by validate_diffusiondet_config
+            cfg = tiny_cfg(*opts, **start)
+        except ValueError as error:  # rejected at start-up by the config validation
             observations.append(type(error).__name__)
             continue
         torch.manual_seed(0)
@@ -80,7 +90,7 @@ def observe_row(row: Row) -> list:
 
 def check_row(row: Row) -> None:
     obs = observe_row(row)
-    where = f"MODEL.DiffusionDet.{row.key} = {list(row.values)} observed {row.observed}"
+    where = f"{row.full_key} = {list(row.values)} observed {row.observed}"
     if row.expect is DIFFER:
         for i in range(len(obs)):
             for j in range(i + 1, len(obs)):
@@ -176,15 +186,44 @@ def run_model(cfg, train: bool = False, rng: Optional[RecordingRandom] = None):
 
 
 # ------------------------------------------------------------------------------ completeness
+# The packages whose configs add keys; a new package with keys joins this list.
+PROJECT_PACKAGES = ("diffusiondet", "diffusioninst")
+
+
+def flat_keys(node: CfgNode, prefix: str = "") -> set:
+    """Full names ("A.B.C") of the leaf keys of a config node."""
+    keys = set()
+    for name, value in node.items():
+        if isinstance(value, CfgNode):
+            keys |= flat_keys(value, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def project_keys() -> set:
+    """Every key the project's config extensions add to detectron2's defaults, in any node."""
+    cfg = get_cfg()
+    for extension in resolve_config_extensions(PROJECT_PACKAGES):
+        if extension.add_config is not None:
+            extension.add_config(cfg)
+    return flat_keys(cfg) - flat_keys(get_cfg())
+
+
 def test_every_config_key_has_a_row():
     from tests.test_config_keys_observed_model import ROWS as model_rows
+    from tests.test_config_keys_observed_other import OBSERVED_ELSEWHERE
+    from tests.test_config_keys_observed_other import ROWS as other_rows
     from tests.test_config_keys_observed_training import ROWS as training_rows
 
-    cfg = get_cfg()
-    add_diffusiondet_config(cfg)
-    keys = set(cfg.MODEL.DiffusionDet.keys())
-    observed = {row.key for row in model_rows + training_rows}
-    assert keys - observed == set(), "config keys without an observation row"
-    assert observed - keys == set(), "rows for keys that do not exist"
-    ids = [f"{r.key}-{r.observed}" for r in model_rows + training_rows]
+    rows = model_rows + training_rows + other_rows
+    keys = project_keys()
+    observed = {row.full_key for row in rows} | set(OBSERVED_ELSEWHERE)
+    assert keys - observed == set(), "config keys without an observation row or a referenced test"
+    assert observed - keys == set(), "rows or references for keys that do not exist"
+    ids = [r.param().id for r in rows]
     assert len(ids) == len(set(ids)), "duplicate row ids"
+    # Sanity of the enumeration itself: keys of every kind the project adds are in it.
+    assert {"MODEL.DiffusionDet.ALPHA", "MODEL.DiffusionInst.MASK_WEIGHT", "SOLVER.FUSED_ADAMW",
+            "TEST.CLASS_MAPPING", "DATASETS.CUSTOM.TRAIN_JSON", "MODEL.SWIN.SIZE",
+            "MODEL.TIMM.NAME", "INPUT.CROP.PRE_CROP_MIN_SIZES"} <= keys  # fmt: skip
