@@ -7,7 +7,8 @@ stage, as the official model does. Called by ``add_diffusiondet_config``.
 """
 from detectron2.config import CfgNode as CN
 
-# Architectures of MODEL.SWIN.SIZE (spec 3.7): embed dim, depths, heads, window, drop-path rate.
+# Architectures of MODEL.SWIN.SIZE (those of the official implementation, after the Swin paper's
+# variants, arXiv 2103.14030, Sec. 3.3): embed dim, depths, heads, window, drop-path rate.
 SWIN_SIZES = {
     "T": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2),
     "S": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2),

@@ -74,7 +74,8 @@ def diffusiondet_train_augmentation(
     pre_crop_min_sizes: Sequence[int] = DEFAULT_PRE_CROP_MIN_SIZES,
     crop_prob: float = 0.5,
 ) -> List[T.Augmentation]:
-    """Build the training augmentation list (spec 7.1) from plain values.
+    """Build the training augmentation list (the official implementation's dataset mapper: flip,
+    multi-scale resize, and DETR's crop branch) from plain values.
 
     Args:
         min_size_train: shortest-edge sizes (pixels) of the final multi-scale resize.

@@ -1,4 +1,5 @@
-"""Training-time corruption of one image's ground-truth boxes (spec 2.3).
+"""Training-time corruption of one image's ground-truth boxes (DiffusionDet paper, arXiv
+2211.09788, Sec. 3.3 "Ground truth boxes padding" and "Box corruption"; Alg. 1).
 
 Shape legend: G ground-truth boxes of the image, N proposals (NUM_PROPOSALS), T timesteps.
 Box formats: ``gt_cxcywh`` is normalised cxcywh in [0, 1]; ``x_0`` / ``x_t`` / ``noise`` are in

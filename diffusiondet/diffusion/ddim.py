@@ -1,4 +1,5 @@
-"""DDIM sampling math (Song et al. 2021) as DiffusionDet uses it (spec 6.1, 6.3a, 6.3d).
+"""DDIM sampling math (Song et al. 2021) as DiffusionDet uses it (DiffusionDet paper, arXiv
+2211.09788, Sec. 3.4 "Sampling step" and Alg. 2; time pairs as in the official implementation).
 
 Shape legend: B images, N proposals, S sampling steps, T training timesteps.
 All box tensors are in signal space ``(b * 2 - 1) * scale``.

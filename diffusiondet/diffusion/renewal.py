@@ -1,4 +1,5 @@
-"""Box renewal + DDIM step, per image and batched (spec 6.3b-d), compacting or masked.
+"""Box renewal + DDIM step, per image and batched (DiffusionDet paper, arXiv 2211.09788,
+Sec. 3.4 "Box renewal"; Alg. 2), compacting or masked.
 
 Shape legend: B images, N proposals. Box tensors are in signal space.
 

@@ -12,7 +12,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-# Names and order of the persistent float64 buffers in official checkpoints (spec section 5).
+# Names and order of the persistent float64 buffers in official checkpoints (the official
+# implementation registers all twelve, though sampling reads only the ᾱ-derived ones).
 DIFFUSION_BUFFER_NAMES = (
     "betas",
     "alphas_cumprod",

@@ -4,7 +4,8 @@ Shape legend: S stages, B images, N proposals, K classes, G ground-truth boxes o
 P positive (query, GT) pairs of a batch. Boxes are absolute xyxy unless a name says otherwise.
 
 Every stage output (the final one and, with deep supervision, each auxiliary one) is matched and
-scored independently (spec 4.2). All terms are normalised by the number of positive queries of the
+scored independently (losses of the DiffusionDet paper, arXiv 2211.09788, Sec. 3.3 "Training
+losses"). All terms are normalised by the number of positive queries of the
 batch on this process (at least 1), as the official code does; the official all-reduced GT count
 is computed there but never used, so it is not computed here.
 

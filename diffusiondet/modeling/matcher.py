@@ -3,7 +3,8 @@
 Shape legend: B images, N proposals (queries), K classes, G ground-truth boxes of one image.
 Boxes are absolute xyxy (pixel x1, y1, x2, y2) unless a name says otherwise.
 
-Per image (spec 4.1):
+Per image, as the official implementation matches (the optimal-transport assignment of the
+DiffusionDet paper, arXiv 2211.09788, Sec. 3.3 "Training losses"):
 
 1. geometry prior: a query is a *candidate* if its box centre lies strictly inside some GT box
    or within ``center_radius`` x (GT width, GT height) of some GT centre;

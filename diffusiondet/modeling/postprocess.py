@@ -1,4 +1,5 @@
-"""Per-proposal predictions -> detection candidates; ensemble merge, NMS, cap (spec 6.4-6.5).
+"""Per-proposal predictions -> detection candidates; ensemble merge, NMS, cap (as the official
+implementation selects and merges them).
 
 Shape legend: B images, N proposals, K classes (K + 1 logits on the softmax path, background
 last), M candidates of one image. Boxes are abs xyxy in the network input image.

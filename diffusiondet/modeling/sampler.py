@@ -1,4 +1,5 @@
-"""Batched DDIM sampling of boxes from pure noise (spec 6), with per-image box renewal.
+"""Batched DDIM sampling of boxes from pure noise (DiffusionDet paper, arXiv 2211.09788, Sec. 3.4
+and Alg. 2), with per-image box renewal.
 
 Shape legend: B images, N proposals, K classes, S sampling steps, M detections of one image.
 Box formats: abs xyxy = absolute pixels in the (resized, un-padded) network input image;

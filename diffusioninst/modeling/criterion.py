@@ -20,8 +20,9 @@ class MaskSetCriterion(SetCriterion):
 
     Each stage's queries are matched by the box matcher of that stage (no mask cost), and every
     positive query's own filter of that stage is run on its image's mask feature and compared
-    with its GT mask sub-sampled to the mask stride (spec §3). Key names follow the official
-    ones: ``loss_masks`` and ``loss_masks_{i}`` for auxiliary stages.
+    with its GT mask sub-sampled to the mask stride (dice loss as in the DiffusionInst paper,
+    arXiv 2212.02773; every stage scored, as the official implementation does). Key names follow
+    the official ones: ``loss_masks`` and ``loss_masks_{i}`` for auxiliary stages.
     """
 
     def __init__(

@@ -3,10 +3,11 @@
 Shape legend: B images, C mask-feature channels, H×W the mask-feature map (stride 4 of the padded
 image), M instances, P parameters per instance (153 for the default 8→8→8→1 head).
 
-Parameter layout (spec §2.3): a P-vector holds all layer weights first, then all biases, in layer
-order. Each weight block is out-major (element ``o·in + i`` is output ``o``, input ``i``), i.e. the
-layout of a ``Conv2d(in, out, 1)`` weight flattened. No relative coordinates are appended to the
-input (spec §2.4), so the first layer's input width is just C.
+Parameter layout (the official implementation's): a P-vector holds all layer weights first, then
+all biases, in layer order. Each weight block is out-major (element ``o·in + i`` is output ``o``,
+input ``i``), i.e. the layout of a ``Conv2d(in, out, 1)`` weight flattened. No relative
+coordinates are appended to the input (CondInst appends two; the official implementation none), so
+the first layer's input width is just C.
 """
 from dataclasses import dataclass
 from typing import List, Tuple

@@ -23,7 +23,7 @@ class MaskFilterStage(RefinementStage):
     """A refinement stage that also predicts each proposal's dynamic mask filter.
 
     ``controller`` (the official name) is a Linear on the regression tower's output, the same
-    feature that predicts the box deltas (spec §2.2).
+    feature that predicts the box deltas, as in the official implementation.
     """
 
     def __init__(self, *, num_mask_params: int, **kwargs):

@@ -1,4 +1,5 @@
-"""Mask branch: FPN levels → shared mask feature F_mask (spec §2.5).
+"""Mask branch: FPN levels → shared mask feature F_mask (the DiffusionInst paper's mask branch,
+arXiv 2212.02773, with the levels and layers of the official implementation).
 
 Shape legend: B images, C FPN channels, H_l×W_l the map of level l (finest first), D branch width
 (128 officially), O mask-feature channels (8 officially).

@@ -1,4 +1,5 @@
-"""Mask-loss pieces: per-mask dice (spec §3.2) and GT masks at the mask-feature stride (§3.4).
+"""Mask-loss pieces: per-mask dice (DiffusionInst paper, arXiv 2212.02773, after CondInst) and GT
+masks at the mask-feature stride (CondInst's sub-sampling, as the official implementation does).
 
 Shape legend: P predicted/target mask pairs, G ground-truth masks of one image, H×W the un-padded
 image, h_s×w_s the mask-feature map of the padded image at stride s.

@@ -1,4 +1,5 @@
-"""Turn stride-s mask probabilities into binary masks at the original image size (spec §5.1 b–f).
+"""Turn stride-s mask probabilities into binary masks at the original image size (as the official
+implementation's post-processing does).
 
 Shape legend: M detections, h_s×w_s the mask-feature map of the padded network input at stride s,
 h×w the un-padded network input (resized image), H×W the original image.

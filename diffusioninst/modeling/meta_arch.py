@@ -1,7 +1,8 @@
 """The DiffusionInst meta-architecture: DiffusionDet whose proposals also carry mask filters.
 
 Only boxes are diffused; each proposal's filter is predicted from its stage's regression feature
-and applied to a shared mask feature map by a small dynamic head (spec §2). Everything else
+and applied to a shared mask feature map by a small dynamic head, as the official implementation
+does (the DiffusionInst paper, arXiv 2212.02773, describes noisy filters instead). Everything else
 (training corruption, DDIM sampling, renewal, ensemble, NMS) is DiffusionDet's, reached through
 its extension points.
 

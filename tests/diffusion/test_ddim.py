@@ -24,7 +24,7 @@ def alphas_cumprod():
     return diffusion_buffers(cosine_beta_schedule(1000))["alphas_cumprod"]
 
 
-def test_time_pairs_of_spec():
+def test_time_pairs_of_the_official_sampler():
     assert ddim_time_pairs(1000, 1) == [(999, -1)]
     assert ddim_time_pairs(1000, 2) == [(999, 499), (499, -1)]
     assert ddim_time_pairs(1000, 4) == [(999, 749), (749, 499), (499, 249), (249, -1)]
@@ -55,7 +55,7 @@ def test_noise_prediction_inverts_q_sample(alphas_cumprod):
     torch.testing.assert_close(eps, noise, rtol=0, atol=1e-4)
 
 
-def test_coefficients_match_spec_numbers(alphas_cumprod):
+def test_coefficients_match_the_official_numbers(alphas_cumprod):
     expected = {(999, 749): (0.380, 1e-4, 0.925), (749, 499): (0.703, 0.296, 0.647),
                 (499, 249): (0.920, 0.164, 0.355)}
     for (t, t_next), (sqrt_next, coef, sigma) in expected.items():

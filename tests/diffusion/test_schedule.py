@@ -21,7 +21,7 @@ def buffers():
     return diffusion_buffers(cosine_beta_schedule(1000))
 
 
-def test_reference_values_of_spec(buffers):
+def test_reference_values_of_the_official_schedule(buffers):
     betas, alphas_cumprod = buffers["betas"], buffers["alphas_cumprod"]
     assert betas.dtype == torch.float64 and betas.shape == (1000,)
     assert betas[0].item() == pytest.approx(4.128e-5, rel=1e-3)

@@ -18,7 +18,7 @@ HAND_COUNTS = [
     ((8, (8, 8, 8, 1)), ([64, 64, 64, 8], [8, 8, 8, 1], 225)),
     # a single 8→1 layer: 8 weights, 1 bias
     ((8, (1,)), ([8], [1], 9)),
-    # CondInst's 8 + 2 coordinate channels: 80 + 64 + 8 = 152, + 17 = 169 (spec §2.3)
+    # CondInst's 8 + 2 coordinate channels: 80 + 64 + 8 = 152, + 17 = 169 (CondInst's count)
     ((10, (8, 8, 1)), ([80, 64, 8], [8, 8, 1], 169)),
 ]
 
@@ -53,7 +53,7 @@ def test_spec_validation(kwargs, match):
 
 
 def test_split_order_official_layout():
-    # spec §2.3 table: W1 [0:64], W2 [64:128], W3 [128:136], b1 [136:144], b2 [144:152], b3 [152]
+    # Official layout: W1 [0:64], W2 [64:128], W3 [128:136], b1 [136:144], b2 [144:152], b3 [152]
     params = torch.arange(153.0).reshape(1, 153).repeat(2, 1)
     params[1] += 1000
     weights, biases = split_mask_params(params, DynamicMaskHeadSpec())

@@ -134,7 +134,7 @@ def test_sampling_masks_match_official(inst_parity):
     mask_feat = _sampling_mask_feat(inst_parity)
     height, width = (int(v) for v in inst_parity["image_sizes"][0])
     for steps, run in inst_parity["sampling"].items():
-        # the ensemble skips the last call's predictions (spec §5.2)
+        # the official ensemble skips the last call's predictions (DiffusionDet issue #56)
         calls = run["calls"] if steps == 1 else run["calls"][:-1]
         scores = torch.cat([call["logits"][0].sigmoid() for call in calls])
         kernels = torch.cat([call["kernels"][0] for call in calls])

@@ -1,4 +1,5 @@
-"""DynamicConv: chunked computation equals the plain per-proposal formula (spec §3.5).
+"""DynamicConv: chunked computation equals the plain per-proposal formula (Sparse R-CNN's dynamic
+instance interaction).
 
 Shape legend: M proposals, P RoI bins, D hidden_dim, DD dim_dynamic.
 """

@@ -3,8 +3,9 @@
 Shape legend: S stages (6), K classes (80 COCO / 1203 LVIS), D hidden dim (256), F FFN width
 (2048), DD dynamic dim (64), E = 4·D time-MLP width, R pooler resolution (7).
 
-The official key layout is enumerated here from the spec (§5) and standard ResNet/FPN shapes,
-never from our model, so that loading a file written in that layout is a real compatibility test.
+The official key layout is enumerated here from the official head's modules and standard
+ResNet/FPN shapes, never from our model, so that loading a file written in that layout is a real
+compatibility test.
 """
 
 import os
@@ -34,7 +35,7 @@ CONFIGS = {  # config file -> (ResNet depth, K, has fed-loss weights)
 
 def official_head_layout(num_classes, hidden_dim=256, dim_feedforward=2048, dim_dynamic=64,
                          num_stages=6, resolution=7):  # fmt: skip
-    """Spec §5 head keys -> shapes (``head.head_series.{i}.*`` and ``head.time_mlp.*``)."""
+    """Official head keys -> shapes (``head.head_series.{i}.*`` and ``head.time_mlp.*``)."""
     d, f, dd, e = hidden_dim, dim_feedforward, dim_dynamic, 4 * hidden_dim
     stage = {
         "self_attn.in_proj_weight": (3 * d, d), "self_attn.in_proj_bias": (3 * d,),
@@ -116,7 +117,7 @@ def official_state_dict(depth, num_classes, fed_loss, seed=0):
     return state
 
 
-def test_enumerated_head_layout_matches_the_official_fixture_and_spec_counts(parity):
+def test_enumerated_head_layout_matches_the_official_fixture_and_counts(parity):
     meta = parity["meta"]
     small = official_head_layout(
         meta["num_classes"], meta["hidden_dim"], meta["dim_feedforward"], meta["dim_dynamic"]
@@ -124,7 +125,7 @@ def test_enumerated_head_layout_matches_the_official_fixture_and_spec_counts(par
     assert small == {name: tuple(value.shape) for name, value in parity["head_state_dict"].items()}
     coco = official_head_layout(80)
     assert len([k for k in coco if k.startswith("head.head_series.0.")]) == 42
-    assert len(coco) + len(DIFFUSION_BUFFERS) == 268  # spec: non-backbone keys of COCO
+    assert len(coco) + len(DIFFUSION_BUFFERS) == 268  # official COCO non-backbone keys
     assert sum(torch.Size(s).numel() for s in coco.values()) == 83_874_040
 
 

@@ -22,7 +22,7 @@ What can and cannot be matched (measured on this fixture, torch 2.14.1 CPU):
   the recorded 20, so the recorded draws do not even fit.
 * Hence the strictest checks that hold: (1) S = 1 with the official 6-stage head consumes the
   recorded draw, feeds the head a bit-identical first input, and equals an independent
-  re-statement of the official sampler (spec §6, ``_spec_reference_sampler``) run on the same
+  re-statement of the official sampler (``_reference_sampler``) run on the same
   head; (2) S = 4 consumes all 7 recorded draws (kind and size checked) and equals that reference
   when the denoiser is teacher-forced: the official head's stage 0 (reproducible, see above) with
   its logits shifted per call so that renewal keeps exactly the recorded number of boxes.
@@ -43,8 +43,8 @@ pytestmark = pytest.mark.numerics
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)  # p2..p5, fixture meta["pooler"]
 SNR_SCALE = 2.0
-# Spec §6.1 lists the official (t, t_next) pairs explicitly.
-SPEC_TIME_PAIRS = {1: [(999, -1)], 4: [(999, 749), (749, 499), (499, 249), (249, -1)]}
+# The official (t, t_next) pairs, written out.
+OFFICIAL_TIME_PAIRS = {1: [(999, -1)], 4: [(999, 749), (749, 499), (499, 249), (249, -1)]}
 
 
 def _official_head(parity, num_stages=6, dynamic_chunk_size=0):
@@ -102,16 +102,16 @@ class RenewalForcedDenoiser(FinalStageDenoiser):
         return out
 
 
-def _spec_signal_to_boxes(x, whwh):
-    """Spec §2.2: (N, 4) signal -> clamp to ±s, (x/s + 1)/2, cxcywh -> xyxy, × (w, h, w, h)."""
+def _reference_signal_to_boxes(x, whwh):
+    """Official mapping: (N, 4) signal -> clamp to ±s, (x/s + 1)/2, cxcywh -> xyxy, × (w, h, w, h)."""
     cx, cy, w, h = ((x.clamp(-SNR_SCALE, SNR_SCALE) / SNR_SCALE + 1) / 2).unbind(-1)
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1) * whwh
 
 
-def _spec_reference_sampler(
+def _reference_sampler(
     denoise_fn, alphas_cumprod, whwh, draws, steps, ensemble_last, state_dtype=torch.float64
 ):
-    """Spec §6 restated for one image without any project code (batch 1, as recorded).
+    """The official sampler restated for one image without any project code (batch 1, as recorded).
 
     ``whwh`` (4,) float32; ``draws`` the recorded (kind, tensor) pairs. x_T, the first box
     mapping and x̂_0 are float32; ``state_dtype`` is the dtype of ε̂ and of x after the first
@@ -123,8 +123,8 @@ def _spec_reference_sampler(
     x = next(draws).reshape(-1, 4)  # (N, 4) x_T, signal
     num_boxes = x.shape[0]
     candidates = []
-    for t, t_next in SPEC_TIME_PAIRS[steps]:
-        out = denoise_fn(_spec_signal_to_boxes(x, whwh)[None], torch.tensor([t]))
+    for t, t_next in OFFICIAL_TIME_PAIRS[steps]:
+        out = denoise_fn(_reference_signal_to_boxes(x, whwh)[None], torch.tensor([t]))
         logits, pred = out["pred_logits"][0], out["pred_boxes"][0]  # (N, K), (N, 4)
         x1, y1, x2, y2 = (pred / whwh).unbind(-1)
         x0 = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
@@ -199,7 +199,7 @@ def test_one_step_replay_with_the_official_head(parity):
     reference = FinalStageDenoiser(_official_head(parity), parity)
     whwh = torch.tensor([128.0, 96.0, 128.0, 96.0])
     alphas_cumprod = parity["schedule"]["alphas_cumprod"]
-    ref = _spec_reference_sampler(
+    ref = _reference_sampler(
         reference, alphas_cumprod, whwh, parity["sampling"][1]["draws"], 1, ensemble_last=False
     )
     # The chaotic head makes any 1-ulp difference in its input visible, so the first input must
@@ -214,7 +214,7 @@ def test_recorded_detections_are_beyond_float32_reproducibility(parity):
     # two evaluations of the same head that differ only in float rounding disagree at the last
     # stage by far more than any sane tolerance, while stage 0 agrees.
     x_T = parity["sampling"][1]["draws"][0][1][0]  # (N, 4)
-    boxes = _spec_signal_to_boxes(x_T, torch.tensor([128.0, 96.0, 128.0, 96.0]))[None]
+    boxes = _reference_signal_to_boxes(x_T, torch.tensor([128.0, 96.0, 128.0, 96.0]))[None]
     features, t = [level[0:1] for level in parity["features"]], torch.tensor([999])
     one_chunk = _official_head(parity)(features, boxes, t)["pred_logits"]
     per_proposal = _official_head(parity, dynamic_chunk_size=1)(features, boxes, t)["pred_logits"]
@@ -241,7 +241,7 @@ def _renewal_forced_run(parity, ensemble="official", use_nms=True):
     return det, rng, denoiser, kept
 
 
-def test_four_step_replay_consumes_every_recorded_draw_and_follows_the_spec(parity):
+def test_four_step_replay_consumes_every_recorded_draw_and_follows_the_official_sampler(parity):
     det, rng, denoiser, kept = _renewal_forced_run(parity)
     assert rng.remaining == 0  # and ReplayRandom checked every kind and size on the way
     assert len(denoiser.calls) == 4
@@ -252,14 +252,14 @@ def test_four_step_replay_consumes_every_recorded_draw_and_follows_the_spec(pari
         # Same precision as our sampler: only the algorithm is compared. Measured: inputs of
         # calls 2-4 within 4.6e-5 px, detections 1.2e-4 px, scores 1.8e-6.
         (torch.float32, 1e-3, 1e-3),
-        # Official precision (x float64 between steps, ours float32; the spec allows float32).
+        # Official precision (x float64 between steps, ours float32; its effect is measured below).
         # The random-weight head's stage 0 amplifies the 1e-5 px storage rounding ~10x per call:
         # measured input differences 1.2e-5, 2.0e-4, 2.8e-3 px at calls 2-4, detections
         # 1.8e-3 px, scores 1.8e-5. The bound is 1e-2 px rather than 1e-3 px for that reason.
         (torch.float64, 1e-2, 1e-2),
     ]:
         reference = RenewalForcedDenoiser(_official_head(parity, num_stages=1), parity, kept)
-        ref = _spec_reference_sampler(
+        ref = _reference_sampler(
             reference,
             parity["schedule"]["alphas_cumprod"],
             torch.tensor([128.0, 96.0, 128.0, 96.0]),

@@ -66,7 +66,7 @@ class _RecordedFeatures(nn.Module):
 
 
 def _official_model(fx, steps, skip_unused_calls=False, ensemble="official"):
-    """DiffusionDet with the official 6-stage head and sampler settings (spec §6)."""
+    """DiffusionDet with the official 6-stage head and sampler settings."""
     meta = fx["meta"]
     head = DynamicHead(
         num_classes=meta["num_classes"], in_channels=meta["hidden_dim"],

@@ -1,4 +1,4 @@
-"""Swin Transformer + FPN backbone under the official DiffusionDet names (spec 3.7).
+"""Swin Transformer + FPN backbone under the names the official DiffusionDet implementation uses.
 
 The Swin itself is detectron2's ``detectron2.modeling.backbone.swin.SwinTransformer``; this file
 only renames its outputs ``p{i}`` to the official ``swin{i}`` and wraps it in detectron2's FPN,

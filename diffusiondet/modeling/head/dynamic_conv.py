@@ -1,4 +1,6 @@
-"""Instance interaction: each proposal generates a two-layer 1×1 conv over its RoI (spec §3.5).
+"""Instance interaction: each proposal generates a two-layer 1×1 conv over its RoI (Sparse
+R-CNN's dynamic instance interaction, which the DiffusionDet decoder reuses: DiffusionDet paper,
+arXiv 2211.09788, Sec. 3.2).
 
 Shape legend: M = B·N proposals (all images flattened, image-major), P = pooler_resolution² RoI
 bins, D = hidden_dim, DD = dim_dynamic.

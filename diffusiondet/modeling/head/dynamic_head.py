@@ -23,7 +23,8 @@ __all__ = ["DynamicHead", "xavier_init_matrices"]
 
 
 class DynamicHead(nn.Module):
-    """Sparse R-CNN-style iterative head conditioned on the diffusion timestep (spec §3.3).
+    """Sparse R-CNN-style iterative head conditioned on the diffusion timestep (the "detection
+    decoder" of the DiffusionDet paper, arXiv 2211.09788, Sec. 3.2).
 
     State-dict keys are the official ones: ``head_series.{i}.*`` and ``time_mlp.{1,3}.*``; the
     pooler and box decoder are stateless.
@@ -140,9 +141,10 @@ class DynamicHead(nn.Module):
         xavier_init_matrices(stage)
         if use_focal:
             # Only the classifier bias: the official rule "any tensor whose last dim is K" also
-            # hits bboxes_delta.bias (K=4) or inst_interact.norm1 (K=64), see spec §3.6.
+            # hits bboxes_delta.bias (K=4) or inst_interact.norm1 (K=64).
             nn.init.constant_(stage.class_logits.bias, -math.log((1 - prior_prob) / prior_prob))
-        # Copies of one initialised stage: every stage starts identical (spec §3.3).
+        # Copies of one initialised stage: every stage starts identical, as in the official
+        # implementation.
         self.head_series = nn.ModuleList(copy.deepcopy(stage) for _ in range(num_stages))
 
     def set_speed_options(

@@ -1,4 +1,5 @@
-"""One refinement stage of the DynamicHead (the official ``RCNNHead``, spec §3.4).
+"""One refinement stage of the DynamicHead (the official ``RCNNHead``; one of the cascaded stages
+of the DiffusionDet paper's decoder, arXiv 2211.09788, Sec. 3.2).
 
 Shape legend: B images, N proposals per image, D = hidden_dim, E = 4·D (time-embedding width),
 K class logits, R = pooler_resolution (P = R² RoI bins).
@@ -103,7 +104,8 @@ class RefinementStage(nn.Module):
         self.reg_module = _tower(hidden_dim, num_reg)
         self.class_logits = nn.Linear(hidden_dim, num_logits)
         self.bboxes_delta = nn.Linear(hidden_dim, 4)
-        # Stateless: detectron2's decoder equals spec §3.4.9 and keeps checkpoints unchanged.
+        # Stateless: detectron2's decoder is the box decoding of the official implementation
+        # (weights, clamp, centre/size update) and keeps checkpoints unchanged.
         self.box2box_transform = Box2BoxTransform(
             weights=tuple(bbox_weights), scale_clamp=scale_clamp
         )

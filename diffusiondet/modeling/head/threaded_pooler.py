@@ -1,4 +1,4 @@
-"""Multi-level RoIAlign whose CPU work is split over threads (spec §3.3 pooling, unchanged maths).
+"""Multi-level RoIAlign whose CPU work is split over threads (the maths of detectron2's ROIPooler).
 
 Shape legend: B images, M RoIs of the batch (image-major), D channels, R pooled side,
 L feature levels. Boxes are abs xyxy in the un-padded input image frame.

@@ -1,4 +1,6 @@
-"""Timestep embedding shared by all refinement stages (spec §2.4).
+"""Timestep embedding shared by all refinement stages (DiffusionDet paper, arXiv 2211.09788,
+Sec. 3.2: the decoder knows the step through a timestep embedding; the sinusoid and MLP widths
+are the ones of the official implementation).
 
 Shape legend: B images, D = hidden_dim, E = 4·D (time-MLP width).
 """
