@@ -9,6 +9,9 @@ Only this file, ``from_config`` classmethods and ``diffusiondet/engine`` read a 
 of ``config_extensions``; it imports the data and model code only when it runs, by name, so that
 importing this module never imports the model.
 """
+import os
+
+import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.config import CfgNode as CN
 
@@ -139,6 +142,12 @@ def add_diffusiondet_config(cfg):
     cfg.SOLVER.MAX_NONFINITE_STEPS = 10
 
     add_backbone_config(cfg)  # MODEL.SWIN and MODEL.TIMM
+
+    # Load MODEL.WEIGHTS (and resumed checkpoints) with full pickle: .pkl and .pth files may then
+    # run code. False (default): .pkl files go through an unpickler that admits only data, .pth
+    # files through torch.load(weights_only=True); a file holding code is an error naming it.
+    # Only for files you trust (docs/untrusted_inputs.md).
+    cfg.MODEL.TRUST_WEIGHTS = False
 
     # --- own COCO-format data without writing Python ---
     # When TRAIN_JSON is set, it is registered as "custom_train" and used as DATASETS.TRAIN;
@@ -342,6 +351,11 @@ def validate_diffusiondet_config(cfg):
             "INPUT.CROP.PRE_CROP_MIN_SIZES must be one or more sizes >= 1, got"
             f" {tuple(cfg.INPUT.CROP.PRE_CROP_MIN_SIZES)}",
         ),
+        # yacs type-checks merged values, but code may assign 1 or "yes"; only a real bool opts in.
+        (
+            isinstance(cfg.MODEL.TRUST_WEIGHTS, bool),
+            f"MODEL.TRUST_WEIGHTS must be True or False, got {cfg.MODEL.TRUST_WEIGHTS!r}",
+        ),
     ]
     errors = [msg for ok, msg in checks if not ok] + backbone_config_errors(cfg)
     if errors:
@@ -387,7 +401,35 @@ DIFFUSIONDET_EXTENSION = register_config_extension(
 )
 
 
-def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=()):
+# Environment variable that lets config YAML files use ``!!python/...`` tags (which run code).
+TRUST_CONFIG_ENV = "DIFFUSIONDET_TRUST_CONFIG"
+
+
+def _trusts_config(trust_config) -> bool:
+    if trust_config is not None:
+        return bool(trust_config)
+    return os.environ.get(TRUST_CONFIG_ENV, "") not in ("", "0")
+
+
+def merge_config_file(cfg, config_file, trust_config=None):
+    """``cfg.merge_from_file`` with safe YAML by default.
+
+    detectron2 merges config files with ``allow_unsafe=True``: a ``!!python/object/apply:`` tag
+    runs code and only a log line says so. Here such a tag is a ValueError naming the file, unless
+    ``trust_config`` (or ``DIFFUSIONDET_TRUST_CONFIG=1``, for the command-line tools) is set."""
+    trusted = _trusts_config(trust_config)
+    try:
+        cfg.merge_from_file(config_file, allow_unsafe=trusted)
+    except yaml.constructor.ConstructorError as e:
+        # The mark names the file holding the tag (a _BASE_ file, maybe), the line and the column.
+        raise ValueError(
+            f"config {config_file} uses a YAML tag that constructs Python objects (it would run"
+            f" code): {e.problem}{e.problem_mark}. If you trust this file, set"
+            f" {TRUST_CONFIG_ENV}=1 (docs/untrusted_inputs.md)"
+        ) from e
+
+
+def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=(), trust_config=None):
     """Build and validate a (not yet frozen) config; registers what it names.
 
     Args:
@@ -397,6 +439,8 @@ def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=())
         extensions: names of packages that registered a config extension (imported here if
             needed) or ``ConfigExtension`` objects, applied after the core in the given order.
             See ``diffusiondet.config_extensions`` for what each contributes and when.
+        trust_config: allow YAML tags that run code (``!!python/...``); None reads the
+            ``DIFFUSIONDET_TRUST_CONFIG`` environment variable (default: not trusted).
 
     When it returns, the datasets, meta-architectures and backbones of the core and of every
     extension are registered, and ``DATASETS.CUSTOM`` json files are registered as
@@ -409,7 +453,7 @@ def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=())
         if extension.add_config is not None:
             extension.add_config(cfg)
     if config_file:
-        cfg.merge_from_file(config_file)
+        merge_config_file(cfg, config_file, trust_config)
     opts = list(opts) + shorthand_opts(steps, boxes)
     _check_override_keys(cfg, opts)
     cfg.merge_from_list(opts)

@@ -103,11 +103,12 @@ register_config_extension(
 )
 
 
-def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=()):
+def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=(), trust_config=None):
     """``diffusiondet.config.build_config`` with the DiffusionInst extension first: builds
     DiffusionDet and DiffusionInst configs alike (the mask keys are unused by DiffusionDet).
 
-    ``extensions`` names further extensions, applied after DiffusionInst's.
+    ``extensions`` names further extensions, applied after DiffusionInst's; ``trust_config`` as
+    there (YAML tags that run code).
     """
     return build_diffusiondet_config(
         config_file,
@@ -115,4 +116,5 @@ def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=())
         steps=steps,
         boxes=boxes,
         extensions=("diffusioninst", *extensions),
+        trust_config=trust_config,
     )

@@ -7,6 +7,8 @@ images are (H, W, 3) uint8 BGR, Visualizer images (H, W, 3) uint8 RGB.
 """
 import logging
 import os
+import shutil
+import tempfile
 
 import cv2
 import numpy as np
@@ -50,8 +52,20 @@ def image_dir(tmp_path):
 
 
 def _main(argv):
-    """What tools/demo.py runs: the demo with diffusioninst's config builder."""
-    demo.main(argv, build_config=build_config)
+    """What tools/demo.py runs: the demo with diffusioninst's config builder, given the weights of
+    a randomly initialised model of the requested architecture (the demo refuses to run without
+    MODEL.WEIGHTS)."""
+    from detectron2.modeling import build_model
+
+    args = demo.parse_args(argv)
+    cfg = build_config(args.config_file, args.opts, steps=args.steps, boxes=args.boxes)
+    folder = tempfile.mkdtemp(prefix="demo-weights-")
+    weights = os.path.join(folder, "random.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    try:
+        demo.main([*argv, "MODEL.WEIGHTS", weights], build_config=build_config)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _argv(*source):

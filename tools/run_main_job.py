@@ -30,11 +30,10 @@ import shutil
 import statistics
 import time
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.logger import setup_logger
 
 from diffusiondet.data.datasets import datasets_root, ensure_synthetic_crowd, register_synthetic_crowd
-from diffusiondet.engine import Trainer
+from diffusiondet.engine import Trainer, load_model_weights
 from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
 
 logger = logging.getLogger("diffusiondet.main_job")
@@ -88,7 +87,7 @@ def evaluate(config_file, opts, weights, steps, boxes):
     cfg.MODEL.WEIGHTS = weights
     cfg.freeze()
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    load_model_weights(model, cfg)  # safe unpickling, architecture, shapes, finite values
     start = time.perf_counter()
     results = Trainer.test(cfg, model)
     elapsed = time.perf_counter() - start

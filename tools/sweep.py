@@ -17,7 +17,7 @@ import time
 
 from detectron2.utils.logger import setup_logger
 
-from diffusiondet.engine import DiffusionDetCheckpointer, Trainer
+from diffusiondet.engine import Trainer, load_model_weights
 from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs
 from diffusiondet.evaluation.sweep import combinations, run_sweep
 from diffusiondet.evaluation.sweep_report import write_reports
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     cfg = build_config(args.config_file, args.opts)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     model = Trainer.build_model(cfg).eval()
-    DiffusionDetCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    load_model_weights(model, cfg)  # an error without weights, or with weights that do not fit
     loader = Trainer.build_test_loader(cfg, dataset)
 
     def evaluator(c):

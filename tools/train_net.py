@@ -11,7 +11,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from diffusiondet.engine import DiffusionDetCheckpointer, Trainer, argument_parser
+from diffusiondet.engine import DiffusionDetCheckpointer, Trainer, argument_parser, load_model_weights
 from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
 
 
@@ -27,8 +27,13 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = DiffusionDetCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = DiffusionDetCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, trust_code=cfg.MODEL.TRUST_WEIGHTS
+        )
+        if args.resume and checkpointer.has_checkpoint():
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
+        else:  # evaluating a random model is an error, not an AP of 0
+            load_model_weights(model, cfg)
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
         return res

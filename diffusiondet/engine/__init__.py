@@ -3,7 +3,7 @@
 # DiffusionDet meta-architecture and the Swin/timm backbones must be registered even when the
 # config did not come from build_config.
 from .. import modeling  # noqa: F401
-from .checkpoint import CheckpointError, DiffusionDetCheckpointer
+from .checkpoint import CheckpointError, DiffusionDetCheckpointer, load_model_weights
 from .optimizer import build_optimizer
 from .setup import argument_parser, build_config, shorthand_opts
 from .train_loop import SkipNonFiniteTrainer
@@ -17,5 +17,6 @@ __all__ = [
     "argument_parser",
     "build_config",
     "build_optimizer",
+    "load_model_weights",
     "shorthand_opts",
 ]

@@ -4,11 +4,16 @@ detectron2 writes checkpoints and ``last_checkpoint`` in place, so a kill or a f
 writing leaves a truncated file under the real name (or an empty ``last_checkpoint``, which breaks
 ``--resume``). It also loads a checkpoint of another architecture "successfully": mismatched
 tensors are skipped with a log line and the model trains or evaluates from random weights.
+And it unpickles model-zoo ``.pkl`` files with plain ``pickle.load``, so a downloaded file can run
+any code. Here loading is safe by default (see :func:`load_pickle_weights` and ``docs/untrusted_inputs.md``).
 """
 import contextlib
 import glob
 import logging
+import math
 import os
+import pickle
+import re
 import tempfile
 from typing import Callable, List, Sequence, Tuple
 from urllib.parse import urlparse
@@ -32,6 +37,71 @@ os.umask(_UMASK)
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, or whose weights do not fit the model."""
+
+
+# What detectron2 and Detectron (Caffe2) model-zoo pickles hold: dicts of numpy arrays, strings
+# and numbers. numpy pickles an array as ``_reconstruct(ndarray, ...)`` + ``dtype`` (its module
+# moved to ``numpy._core`` in numpy 2), a scalar as ``scalar``; Python 3 pickles bytes as
+# ``_codecs.encode(str, "latin1")`` (protocol 2). Everything else (os.system, eval, any class) is
+# code that a weights file has no reason to run.
+_PICKLE_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+      for name in ("_reconstruct", "scalar")),
+}
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only the globals of ``_PICKLE_ALLOWED`` (and numpy's dtype
+    classes such as ``numpy.dtypes.Float32DType``, which numpy 2 pickles a dtype with)."""
+
+    def find_class(self, module, name):
+        if (module, name) in _PICKLE_ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def load_pickle_weights(path: str, trust_code: bool = False):
+    """Unpickle a model-zoo ``.pkl`` file; only data (no code) unless ``trust_code``.
+
+    Raises CheckpointError naming the file and the refused global."""
+    with open(path, "rb") as f:
+        if trust_code:
+            return pickle.load(f, encoding="latin1")  # Detectron1 files are Python 2 pickles
+        try:
+            return _WeightsUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            if str(e).startswith("refused global"):
+                raise CheckpointError(
+                    f"{path} is not a plain weights file (contains code): {e}. Model-zoo pickles"
+                    " hold only dicts, numbers, strings and numpy arrays; if you trust this file,"
+                    " set MODEL.TRUST_WEIGHTS True to load it with full pickle"
+                ) from e
+            raise
+
+
+def check_finite_state(state: dict, what: str) -> None:
+    """Raise CheckpointError when a floating tensor of ``state`` holds a NaN or an infinity,
+    naming ``what`` (the file) and the first tensors with their count of non-finite values."""
+    import torch
+
+    bad = []
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            count = int((~torch.isfinite(value)).sum())
+            if count:
+                bad.append((key, count))
+    if bad:
+        total = sum(c for _, c in bad)
+        listed = ", ".join(f"{k} ({c})" for k, c in bad[:_LISTED])
+        more = f", ... ({len(bad)} tensors in all)" if len(bad) > _LISTED else ""
+        raise CheckpointError(
+            f"{what} has {total} non-finite (NaN/inf) weights in {len(bad)} tensors: {listed}{more};"
+            " the file is corrupt or the model diverged"
+        )
 
 
 def atomic_write(path: str, write: Callable) -> None:
@@ -90,6 +160,9 @@ class DiffusionDetCheckpointer(DetectionCheckpointer):
     """
 
     _loading = None  # the path being loaded, for messages
+    # Load .pkl files with full pickle and .pth files with torch.load(weights_only=False): code in
+    # them runs. Only for files one trusts (MODEL.TRUST_WEIGHTS); see load_pickle_weights.
+    trust_code = False
     # ``collect_state() -> dict``, called on every rank at every save (it may run collectives);
     # its result is stored at the checkpoint's top level. The trainer sets it to gather the RNG
     # states of all ranks and the data position (``docs/reproducibility.md``).
@@ -143,14 +216,53 @@ class DiffusionDetCheckpointer(DetectionCheckpointer):
         finally:
             self._loading = None
 
+    def __init__(self, model, save_dir: str = "", *, trust_code: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.trust_code = trust_code
+
     def _load_file(self, filename):
         try:
+            if filename.endswith(".pkl"):
+                return self._load_pickle(filename)
             return super()._load_file(filename)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(
                 f"cannot read checkpoint {filename}: it is truncated, corrupt or not a PyTorch/"
                 f"detectron2 checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from e
+
+    def _torch_load(self, f):
+        # weights_only explicitly (torch's default changed in 2.6 and may change again); a refused
+        # global means the file holds code, which is not the "truncated or corrupt" of any other
+        # error.
+        try:
+            return torch.load(f, map_location=torch.device("cpu"), weights_only=not self.trust_code)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e):
+                raise  # a truncated or corrupt file: _load_file says so
+            # torch words it "Unsupported global: GLOBAL x.y ..." or "unsupported GLOBAL x.y whose
+            # module x is blocked" depending on the global.
+            refused = re.search(r"(?i)unsupported (?:global: )?GLOBAL (\S+)", str(e))
+            what = f"the global {refused.group(1)}" if refused else "an object that is not data"
+            raise CheckpointError(
+                f"{f} is not a plain checkpoint (contains code): torch.load(weights_only=True)"
+                f" refused {what}. If you trust this file, set MODEL.TRUST_WEIGHTS True to load it"
+                " with full pickle"
+            ) from e
+
+    def _load_pickle(self, filename):
+        """detectron2's .pkl branch with the restricted unpickler: the same two formats."""
+        data = load_pickle_weights(filename, self.trust_code)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{filename} is not a model-zoo file: it holds a {type(data).__name__}")
+        if "model" in data and "__author__" in data:  # detectron2 model zoo
+            self.logger.info("Reading a file from '%s'", data["__author__"])
+            return data
+        data = data.get("blobs", data)  # Caffe2 / Detectron1: detection models have "blobs"
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
     def _load_model(self, checkpoint):
         state = dict(checkpoint.get("model") or {})  # super() pops the mismatched keys from it
@@ -161,8 +273,11 @@ class DiffusionDetCheckpointer(DetectionCheckpointer):
     def _check_fit(self, incompatible, checkpoint_state: dict) -> None:
         path = self._loading or "checkpoint"
         model_state = self.model.state_dict()
+        # A flipped byte or a diverged run gives NaN/inf weights that load "successfully" and only
+        # fail at inference (detectron2's "Box tensor contains infinite or NaN" assertion).
         missing = set(incompatible.missing_keys)
         loaded = [k for k in model_state if k not in missing]
+        check_finite_state({k: model_state[k] for k in loaded}, path)
         wrong_shape = [s for s in incompatible.incorrect_shapes if not _is_class_layer(s[0])]
         if wrong_shape or not loaded:
             self._log_incompatible_keys(incompatible)
@@ -201,3 +316,19 @@ def _remove_stale_temporaries(folder: str, basename: str) -> None:
 
 def _is_class_layer(key: str) -> bool:
     return any(layer in key for layer in CLASS_DEPENDENT_LAYERS)
+
+
+def load_model_weights(model, cfg, path=None) -> None:
+    """Load ``path`` (default ``cfg.MODEL.WEIGHTS``) into ``model`` for inference, with the checks
+    of training (safe unpickling unless MODEL.TRUST_WEIGHTS, architecture, shapes, finite values).
+
+    The tools that evaluate or run a model (train_net.py --eval-only, demo.py, sweep.py,
+    run_main_job.py) load through here: without weights, a randomly initialised model would
+    produce detections and an AP as if nothing were wrong, so an empty path is an error."""
+    path = cfg.MODEL.WEIGHTS if path is None else path
+    if not path:
+        raise CheckpointError(
+            "MODEL.WEIGHTS is empty: inference needs trained weights (MODEL.WEIGHTS path/to/model.pth);"
+            " a randomly initialised model would be evaluated"
+        )
+    DiffusionDetCheckpointer(model, trust_code=cfg.MODEL.TRUST_WEIGHTS).load(path)

@@ -69,7 +69,8 @@ class Trainer(DefaultTrainer):
         else:  # AMPTrainer: its GradScaler skips inf gradients; a NaN loss stops it as in detectron2
             logger.info("SOLVER.MAX_NONFINITE_STEPS is not used by %s", type(step).__name__)
         self.checkpointer = DiffusionDetCheckpointer(
-            step.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            step.model, self.cfg.OUTPUT_DIR, trust_code=self.cfg.MODEL.TRUST_WEIGHTS,
+            trainer=weakref.proxy(self),
         )
         self.checkpointer.collect_state = self.run_state
         hook_list = super().build_hooks()

@@ -30,6 +30,8 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from diffusiondet.engine.checkpoint import load_model_weights
+
 logger = logging.getLogger("diffusiondet.demo")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DRAW_MIN_SIZE = 480
@@ -110,7 +112,14 @@ class Demo:
     """Predictor + visualiser; keeps only detections above the confidence threshold."""
 
     def __init__(self, cfg, confidence_threshold, draw_min_size=DRAW_MIN_SIZE):
-        self.predictor = DefaultPredictor(cfg)
+        # DefaultPredictor would load MODEL.WEIGHTS with detectron2's checkpointer (full pickle
+        # for .pkl files, mismatched tensors skipped with a warning): build it without weights
+        # and load them with the checks of training.
+        unloaded = cfg.clone()
+        unloaded.defrost()
+        unloaded.MODEL.WEIGHTS = ""
+        self.predictor = DefaultPredictor(unloaded)
+        load_model_weights(self.predictor.model, cfg)
         names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
         self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
         self.threshold = confidence_threshold

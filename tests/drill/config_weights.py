@@ -73,6 +73,7 @@ BAD_VALUES = [
     ("MODEL.DiffusionDet.DETECTIONS_PER_IMAGE", -1, ()),
     ("SOLVER.BACKBONE_MULTIPLIER", -1.0, ()),
     ("INPUT.CROP.PRE_CROP_MIN_SIZES", (400, 0), ()),
+    ("MODEL.TRUST_WEIGHTS", "maybe", ()),
 ]
 # A second check on a key already in the table: SAMPLE_STEP may not exceed NUM_TIMESTEPS.
 EXTRA_BAD_VALUES = [("MODEL.DiffusionDet.SAMPLE_STEP", 50, ("MODEL.DiffusionDet.NUM_TIMESTEPS", 20))]
@@ -213,6 +214,108 @@ def _weights_other_num_classes(workdir):
     return "fine-tuning allowed, everything else loaded; " + line
 
 
+# --- code in weights and configs, NaN weights, inference without weights (issue #21) -------------
+
+
+class _Payload:
+    """Unpickles as ``os.mkdir(path)``: the case checks the folder was not created."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _not_run(marker):
+    check(not os.path.exists(marker), f"the payload ran: {marker} exists")
+
+
+def _weights_pkl_payload(workdir):
+    import pickle
+
+    marker = os.path.join(workdir, "payload_ran")
+    state = {k: v.detach().numpy() for k, v in _tiny_model().state_dict().items()}
+    path = os.path.join(workdir, "model_zoo.pkl")
+    with open(path, "wb") as f:
+        pickle.dump({"model": state, "__author__": "zoo", "extra": _Payload(marker)}, f)
+    line = expect_error(lambda: _load(_tiny_model(), path), names=[path, "contains code", "posix.mkdir"])
+    _not_run(marker)
+    return line
+
+
+def _weights_pth_payload(workdir):
+    marker = os.path.join(workdir, "payload_ran")
+    path = _save(workdir, "model_final.pth", {"model": _tiny_model().state_dict(), "x": _Payload(marker)})
+    line = expect_error(lambda: _load(_tiny_model(), path),
+                        names=[path, "not a plain checkpoint (contains code)", "posix.mkdir"])
+    check("truncated" not in line, f"a payload reported as a corrupt file: {line}")
+    _not_run(marker)
+    return line
+
+
+def _config_yaml_payload(workdir):
+    from unittest import mock
+
+    from diffusiondet.engine import build_config
+
+    marker = os.path.join(workdir, "payload_ran")
+    path = os.path.join(workdir, "evil.yaml")
+    with open(path, "w") as f:
+        f.write(f'_BASE_: "{CONFIG}"\nSEED: !!python/object/apply:os.mkdir ["{marker}"]\n')
+    with mock.patch.dict(os.environ, {"DIFFUSIONDET_TRUST_CONFIG": ""}):
+        line = expect_error(lambda: build_config(path), names=[path, "run code"], exc=(ValueError,))
+    _not_run(marker)
+    return line
+
+
+def _weights_bytes_overwritten(workdir):
+    import torch
+
+    # 64 bytes of 0xFF inside the largest tensor's storage: 16 float32 NaNs, a valid zip file.
+    state = _tiny_model().state_dict()
+    largest = max(state, key=lambda k: state[k].numel())
+    path = _save(workdir, "model_final.pth", {"model": state})
+    data = bytearray(open(path, "rb").read())
+    needle = state[largest].numpy().tobytes()[:64]
+    at = data.find(needle)
+    check(at >= 0, "tensor bytes not found in the file")
+    data[at:at + 64] = b"\xff" * 64
+    open(path, "wb").write(bytes(data))
+    check(not torch.isfinite(torch.load(path)["model"][largest]).all(), "the overwrite left the weights finite")
+    return expect_error(lambda: _load(_tiny_model(), path), names=[path, "16 non-finite", largest])
+
+
+def _eval_only_without_weights_cli(workdir):
+    proc = train_net(workdir, "--eval-only", "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "",
+                     "DATASETS.TEST", "()", "OUTPUT_DIR", os.path.join(workdir, "out"))
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    check(proc.returncode != 0 and "MODEL.WEIGHTS is empty" in last, f"rc {proc.returncode}, last line: {last}")
+    return f"train_net.py --eval-only exits {proc.returncode}: {last}"
+
+
+def _demo_other_architecture(workdir):
+    from diffusiondet.tooling.demo import Demo
+    from tests.utils import tiny_cfg
+
+    path = _save(workdir, "hidden32.pth", {"model": _tiny_model().state_dict()})
+    cfg = tiny_cfg("MODEL.DiffusionDet.HIDDEN_DIM", 64, "MODEL.FPN.OUT_CHANNELS", 64, "MODEL.WEIGHTS", path)
+    return expect_error(lambda: Demo(cfg, 0.5), names=[path, "another architecture"])
+
+
+def _run_main_job_without_weights(workdir):
+    import importlib.util
+
+    from .training import REPO
+
+    spec = importlib.util.spec_from_file_location("run_main_job", os.path.join(REPO, "tools", "run_main_job.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    missing = os.path.join(workdir, "output", "model_final.pth")
+    opts = ["MODEL.DEVICE", "cpu", "DATASETS.TEST", "()"]
+    return expect_error(lambda: job.evaluate(CONFIG, opts, missing, 1, 10), names=[missing])
+
+
 def _cases():
     cases = [
         Case("config_weights", f"bad_value[{key}]", functools.partial(_bad_value, key, value, extra))
@@ -234,6 +337,13 @@ def _cases():
         Case("config_weights", "weights_other_hidden_dim", _weights_other_hidden_dim),
         Case("config_weights", "weights_torchvision_classifier", _weights_torchvision_classifier),
         Case("config_weights", "weights_other_num_classes", _weights_other_num_classes),
+        Case("config_weights", "weights_pkl_pickle_payload", _weights_pkl_payload),
+        Case("config_weights", "weights_pth_pickle_payload", _weights_pth_payload),
+        Case("config_weights", "config_yaml_python_tag", _config_yaml_payload),
+        Case("config_weights", "weights_64_bytes_overwritten", _weights_bytes_overwritten),
+        Case("config_weights", "eval_only_without_weights_cli", _eval_only_without_weights_cli, slow=True),
+        Case("config_weights", "demo_weights_of_another_architecture", _demo_other_architecture),
+        Case("config_weights", "run_main_job_weights_missing", _run_main_job_without_weights),
     ]
 
 

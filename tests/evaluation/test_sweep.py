@@ -103,6 +103,17 @@ def test_one_backbone_pass_and_equal_to_direct_evaluation(setup, tmp_path):
     handle.remove()
 
 
+def _with_random_weights(config_file, opts, folder):
+    """``opts`` plus MODEL.WEIGHTS of a randomly initialised model of that config: the sweep
+    refuses to evaluate without weights."""
+    from detectron2.modeling import build_model
+    from diffusioninst import build_config
+
+    weights = os.path.join(str(folder), "random.pth")
+    torch.save({"model": build_model(build_config(config_file, opts)).state_dict()}, weights)
+    return [*opts, "MODEL.WEIGHTS", weights]
+
+
 def test_command_line_writes_tables_and_plots(setup, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("sweep_tool", os.path.join(ROOT, "tools", "sweep.py"))
     tool = importlib.util.module_from_spec(spec)
@@ -110,6 +121,7 @@ def test_command_line_writes_tables_and_plots(setup, tmp_path, capsys):
     from tests.utils import TINY_OPTS
 
     opts = TINY_OPTS + ["DATASETS.TEST", (NAME,), "MODEL.DiffusionDet.NUM_CLASSES", 5]
+    opts = _with_random_weights("configs/diffdet.synthetic.res18.yaml", opts, tmp_path)
     args = ["--config-file", "configs/diffdet.synthetic.res18.yaml", "--steps", "1", "2", "--boxes", "4", "8",
             "--seeds", "0", "1", "--output-dir", str(tmp_path), *map(str, opts)]  # fmt: skip
     assert tool.main(args) == 0
@@ -135,6 +147,7 @@ def test_command_line_on_diffusioninst_tabulates_mask_ap(setup, tmp_path, capsys
 
     opts = TINY_OPTS + ["DATASETS.TEST", (NAME,), "MODEL.DiffusionDet.NUM_CLASSES", 5,
                         "MODEL.DiffusionInst.MASK_BRANCH_CHANNELS", 16, "MODEL.DiffusionInst.MASK_NORM", "BN"]
+    opts = _with_random_weights("configs/diffinst.synthetic.res18.yaml", opts, tmp_path)
     def args(metric):
         return ["--config-file", "configs/diffinst.synthetic.res18.yaml", "--steps", "1", "--boxes", "4", "8",
                 "--seeds", "0", "--output-dir", str(tmp_path), "--metric", metric, "--no-plots",
