@@ -1,6 +1,6 @@
 """The device of the device-capable tests: ``DIFFDET_TEST_DEVICE`` (default ``cpu``).
 
-``tools/device_check.sh`` sets it to ``cuda`` and runs the test files that use the ``device``
+``tools/dev/device_check.sh`` sets it to ``cuda`` and runs the test files that use the ``device``
 fixture. A requested device that is not there FAILS the test instead of skipping it: a GPU check
 that quietly ran on the CPU would report a pass it never earned.
 

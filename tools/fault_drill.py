@@ -6,7 +6,7 @@
     python tools/fault_drill.py --only images/
 
 Prints one line per case and a summary ``tried N, handled N, silent 0``; exits 1 when any case is
-silent. See the README's "Reliability" section for the list of cases.
+silent. See docs/reliability.md for the list of cases.
 
 The cases are a test harness and live with the tests (``tests/drill/``). A tool does not import
 the tests, so this command runs them as ``python -m tests.drill`` from the repository root (the

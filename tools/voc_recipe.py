@@ -23,7 +23,7 @@ ROOT = os.path.dirname(TOOLS)
 # synthetic images); --opts override them.
 SIZES = ["INPUT.MIN_SIZE_TRAIN", "(288, 320, 352)", "INPUT.MAX_SIZE_TRAIN", "640",
          "INPUT.MIN_SIZE_TEST", "320", "INPUT.MAX_SIZE_TEST", "640"]  # fmt: skip
-# The training recipe the README's BCCD figures were measured with (the main job's config has
+# The training recipe docs/evaluation.md's BCCD figures were measured with (the main job's config has
 # since moved to 100 boxes at lr 4e-4 for its 160 px synthetic set); --opts override them.
 RECIPE = ["MODEL.DiffusionDet.NUM_PROPOSALS", "50", "SOLVER.BASE_LR", "0.0002"]
 

@@ -5,8 +5,8 @@
     python -m tests.drill --only images/
 
 (``python tools/fault_drill.py`` takes the same arguments.) Prints one line per case and a summary
-``tried N, handled N, silent 0``; exits 1 when any case is silent. See the README's "Reliability"
-section for the list of cases.
+``tried N, handled N, silent 0``; exits 1 when any case is silent. See
+docs/reliability.md for the list of cases.
 """
 import argparse
 import logging

@@ -2,8 +2,7 @@
 (TEST.IMS_PER_BATCH > 1), the softmax renewal score (USE_FOCAL False) and fp16 autocast
 (INFERENCE_AMP fp16) on CPU.
 
-(LVISEvaluator, the other evaluation branch, needs the ``lvis`` package, which the pinned
-environment does not install.)
+(LVISEvaluator, the other evaluation branch, is tested in tests/evaluation/test_lvis_evaluation.py.)
 """
 import copy
 import json
