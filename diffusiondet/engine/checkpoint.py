@@ -174,6 +174,9 @@ class DiffusionDetCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk or _is_remote(self.save_dir):
             return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}
+        # A NaN model saved under a checkpoint name is a "success" that resumes or evaluates as
+        # garbage: refuse before writing, so last_checkpoint keeps naming the last good one.
+        check_finite_state(data["model"], f"the model to be saved as {os.path.join(self.save_dir, name)}.pth")
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         basename = f"{name}.pth"

@@ -1,4 +1,5 @@
-"""The training step: a non-finite loss skips one optimizer step instead of ending the run."""
+"""The training step: a non-finite loss or gradient skips one optimizer step instead of ending the
+run (or, worse, reaching the weights: a finite loss can have a NaN gradient, e.g. 0 * sqrt(0))."""
 import logging
 import time
 
@@ -23,7 +24,9 @@ def ranks_with_nonfinite(local_nonfinite: bool, device: torch.device) -> int:
 
 
 class SkipNonFiniteTrainer(SimpleTrainer):
-    """SimpleTrainer that skips (and counts) the optimizer step of a NaN or infinite loss.
+    """SimpleTrainer that skips (and counts) the optimizer step of a NaN or infinite loss, or of a
+    finite loss whose gradient is not finite (checked after backward through the total gradient
+    norm, agreed on by all ranks).
 
     detectron2 raises FloatingPointError at the first non-finite loss, so one degenerate batch
     ends a multi-day run. Here that step is skipped on every rank (no NaN reaches the weights or
@@ -71,30 +74,40 @@ class SkipNonFiniteTrainer(SimpleTrainer):
             # No backward either: every rank skips it, so DDP's all-reduces stay matched.
             self._skip(bad, ranks)
             return
-        self._nonfinite_in_a_row = 0
         losses.backward()
         self.after_backward()
+        # One number for all gradients; NaN/inf when any gradient is (or when their norm
+        # overflows, which a step would not survive either). Every rank takes the same decision.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else losses.new_zeros(())
+        ranks = ranks_with_nonfinite(not bool(torch.isfinite(grad_norm)), losses.device)
+        if ranks:
+            self.optimizer.zero_grad()  # the NaN gradients must not reach the optimizer state
+            self._skip({"gradient norm": grad_norm.detach()}, ranks, what="gradient")
+            return
+        self._nonfinite_in_a_row = 0
         self._write_metrics(loss_dict, data_time)
         get_event_storage().put_scalar("nonfinite_steps", self.nonfinite_steps, smoothing_hint=False)
         self.optimizer.step()
 
-    def _skip(self, bad, ranks):
+    def _skip(self, bad, ranks, what="loss"):
         self.nonfinite_steps += 1
         self._nonfinite_in_a_row += 1
         get_event_storage().put_scalar("nonfinite_steps", self.nonfinite_steps, smoothing_hint=False)
+        kind = what
         what = ", ".join(f"{k}={v.float().mean().item()}" for k, v in bad.items()) or "on another rank"
         where = f" on {ranks} of {comm.get_world_size()} ranks" if comm.get_world_size() > 1 else ""
         if self._nonfinite_in_a_row > self.max_nonfinite_steps:
             raise FloatingPointError(
-                f"non-finite loss at iteration {self.iter} ({what}){where}: "
+                f"non-finite {kind} at iteration {self.iter} ({what}){where}: "
                 f"{self._nonfinite_in_a_row} in a row exceeds SOLVER.MAX_NONFINITE_STEPS="
                 f"{self.max_nonfinite_steps}; training stopped (lower SOLVER.BASE_LR, enable "
                 "SOLVER.CLIP_GRADIENTS or check the data)"
             )
         logger.warning(
-            "non-finite loss at iteration %d (%s)%s: optimizer step skipped (%d in a row, %d in "
+            "non-finite %s at iteration %d (%s)%s: optimizer step skipped (%d in a row, %d in "
             "this run; SOLVER.MAX_NONFINITE_STEPS=%d)",
-            self.iter, what, where, self._nonfinite_in_a_row, self.nonfinite_steps,
+            kind, self.iter, what, where, self._nonfinite_in_a_row, self.nonfinite_steps,
             self.max_nonfinite_steps,
         )
 

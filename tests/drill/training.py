@@ -248,6 +248,57 @@ def nonfinite_losses_in_a_row_stop(workdir):
                         exc=(FloatingPointError,))
 
 
+def _nan_gradient(at):
+    """A finite loss term 0 * sqrt(0 * w) whose gradient is 0 * inf = NaN for every weight w of
+    the first parameter: the loss check alone lets it through."""
+    import torch
+
+    def hook(iteration, loss_dict):
+        if not at(iteration):
+            return loss_dict
+        weight = next(p for p in hook.model.parameters() if p.requires_grad)
+        return {**loss_dict, "loss_nan_grad": 0.0 * torch.sqrt((weight * 0).sum())}
+
+    return hook
+
+
+def nonfinite_gradient_step_skipped(workdir):
+    import torch
+
+    trainer = tiny_trainer(workdir, "out", 3)
+    hook = _nan_gradient(lambda it: it == 0)
+    hook.model = trainer.model
+    trainer.loss_hook = hook
+    with capture_logs("diffusiondet") as logs:
+        trainer.train()
+    line = expect_logged(logs, ["non-finite gradient", "iteration 0", "skipped"])
+    state = torch.load(os.path.join(trainer.cfg.OUTPUT_DIR, "model_final.pth"))["model"]
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    check(not bad, f"model_final.pth has {len(bad)} non-finite tensors")
+    check(trainer.nonfinite_steps == 1, f"nonfinite_steps = {trainer.nonfinite_steps}")
+    return f"finite loss, NaN gradient: step skipped and counted, model_final.pth finite; {line}"
+
+
+def nonfinite_model_not_saved(workdir):
+    import torch
+    from detectron2.engine import HookBase
+
+    class Poison(HookBase):  # after iteration 1's checkpoint, a weight becomes NaN
+        def after_step(self):
+            if self.trainer.iter == 1:
+                with torch.no_grad():
+                    next(self.trainer.model.parameters()).view(-1)[0] = float("nan")
+
+    trainer = tiny_trainer(workdir, "out", 4, 1)
+    trainer.register_hooks([Poison()])
+    out = trainer.cfg.OUTPUT_DIR
+    detail = expect_error(trainer.train, names=[os.path.join(out, "model_0000002.pth"), "non-finite"])
+    check(_last(out) == "model_0000001.pth", f"last_checkpoint says {_last(out)!r}")
+    check(not os.path.exists(os.path.join(out, "model_0000002.pth")), "the NaN model was written")
+    _load(os.path.join(out, "model_0000001.pth"))
+    return detail + "; last_checkpoint still model_0000001.pth"
+
+
 # --- (4) full disk while saving ---------------------------------------------------------------------
 
 
@@ -277,4 +328,6 @@ CASES = [
     Case("training", "nonfinite_loss_step_skipped", nonfinite_loss_skipped),
     Case("training", "nonfinite_losses_in_a_row_stop", nonfinite_losses_in_a_row_stop),
     Case("training", "disk_full_on_checkpoint", disk_full_on_checkpoint),
+    Case("training", "nonfinite_gradient_of_finite_loss_skipped", nonfinite_gradient_step_skipped),
+    Case("training", "nonfinite_model_never_saved", nonfinite_model_not_saved),
 ]
