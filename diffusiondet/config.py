@@ -162,6 +162,10 @@ def add_diffusiondet_config(cfg):
     # Folder holding the evaluation images named in TEST_JSON.
     cfg.DATASETS.CUSTOM.TEST_IMAGES = ""
 
+    # Accept image file_names that are absolute or contain ".." (they read files outside the
+    # DATASETS.CUSTOM / registered image folder); False: such a json is an error naming the image.
+    cfg.DATASETS.ALLOW_OUTSIDE_IMAGE_ROOT = False
+
     # Images per batch in evaluation loaders (inference is batch-safe; detectron2 uses 1).
     cfg.TEST.IMS_PER_BATCH = 1
     # Zero-shot transfer: "source:target" class-name pairs relabelling the detections (training

@@ -125,7 +125,17 @@ class DiffusionDetDatasetMapper:
             return None
         original_hw = image.shape[:2]
         aug_input = T.AugInput(image)
-        transforms = self.augmentations(aug_input)
+        try:
+            transforms = self.augmentations(aug_input)
+        except ValueError as e:
+            # A resize to a zero side (a 3000x1 image: "height and width must be > 0"): the
+            # image is unusable as a file that does not decode is.
+            file_name = dataset_dict["file_name"]
+            size = f"{original_hw[1]}x{original_hw[0]} (WxH)"
+            if not self.is_train:
+                raise ImageLoadError(f"Cannot use evaluation image '{file_name}' of {size}: {e}") from e
+            logger.warning("Skipping training image '%s' of %s: augmentation failed: %s", file_name, size, e)
+            return None
         image = aug_input.image
         image_hw = image.shape[:2]
         chw = np.ascontiguousarray(image.transpose(2, 0, 1))
@@ -163,16 +173,16 @@ class DiffusionDetDatasetMapper:
         annotations = [a for a in annotations if a.get("iscrowd", 0) == 0]
         status = _box_status(annotations, original_hw)
         annotations = [a for a, code in zip(annotations, status) if code in (_OK, _CLIPPED)]
-        num_bad_segmentations = 0
+        bad_segmentation_ids = []
         if self.mask_on:
             segmentations = [
                 _clean_segmentation(a.get("segmentation"), original_hw) for a in annotations
             ]
-            num_bad_segmentations = sum(s is None for s in segmentations)
+            bad_segmentation_ids = [a.get("id") for a, s in zip(annotations, segmentations) if s is None]
             for anno, segmentation in zip(annotations, segmentations):
                 anno["segmentation"] = segmentation
             annotations = [a for a in annotations if a["segmentation"] is not None]
-        _warn_about_annotations(status, num_bad_segmentations, original_hw, file_name)
+        _warn_about_annotations(status, bad_segmentation_ids, original_hw, file_name)
         for anno in annotations:
             anno.pop("keypoints", None)
             if not self.mask_on:
@@ -234,7 +244,7 @@ def _box_status(annotations: List[dict], image_hw: Sequence[int]) -> np.ndarray:
 
 
 def _warn_about_annotations(
-    status: np.ndarray, num_bad_segmentations: int, image_hw: Sequence[int], file_name: str
+    status: np.ndarray, bad_segmentation_ids: list, image_hw: Sequence[int], file_name: str
 ) -> None:
     counts = {code: int((status == code).sum()) for code in (_INVALID, _OUTSIDE, _CLIPPED)}
     parts = []
@@ -243,10 +253,10 @@ def _warn_about_annotations(
             f"dropped {counts[_INVALID]} annotation(s) with a malformed, non-finite, negative- "
             "or zero-size box"
         )
-    if num_bad_segmentations:
+    if bad_segmentation_ids:
         parts.append(
-            f"dropped {num_bad_segmentations} annotation(s) with a missing, empty or malformed "
-            "segmentation"
+            f"dropped {len(bad_segmentation_ids)} annotation(s) with a missing, empty or malformed "
+            f"segmentation (annotation ids {bad_segmentation_ids[:10]})"
         )
     size = f"{image_hw[1]}x{image_hw[0]} (WxH)"
     if counts[_OUTSIDE]:
@@ -295,6 +305,15 @@ def _clean_segmentation(segmentation, image_hw: Sequence[int]):
                     return None
                 return mask_util.frPyObjects(segmentation, height, width)
             if isinstance(segmentation["counts"], (str, bytes)):
+                # Counts that add up to less than H*W decode "fine" with the rest of the mask
+                # taken from uninitialised memory; more than H*W raise in decode. A valid RLE
+                # re-encodes to itself (pycocotools writes canonical RLE; its decode checks the
+                # upper bound, the round trip the lower one).
+                counts = segmentation["counts"]
+                counts = counts.encode() if isinstance(counts, str) else counts
+                rle = {"size": [height, width], "counts": counts}
+                if mask_util.encode(np.asfortranarray(mask_util.decode(rle)))["counts"] != counts:
+                    return None
                 return segmentation
     except (KeyError, TypeError, ValueError):
         pass

@@ -208,3 +208,75 @@ CASES = [
     Case("annotations", "iscrowd_objects", iscrowd_objects),
     Case("annotations", "more_objects_than_proposals", more_objects_than_proposals),
 ]
+
+
+# --- masks and file names that are quietly wrong (issue #21) ----------------------------------------
+
+
+def _mask_sample(workdir, segmentation):
+    from PIL import Image
+
+    path = os.path.join(workdir, "masked.png")
+    Image.new("RGB", (40, 30)).save(path)
+    anno = {"id": 77, "bbox": [2, 2, 10, 10], "bbox_mode": 1, "category_id": 0, "segmentation": segmentation}
+    return {"file_name": path, "height": 30, "width": 40, "image_id": 1, "annotations": [anno]}
+
+
+def _rle_counts_off(delta):
+    def case(workdir):
+        import pycocotools.mask as mask_util
+        from detectron2.data import transforms as T
+
+        from diffusiondet.data import DiffusionDetDatasetMapper
+
+        counts = [600, 600 + delta]  # 30 x 40 = 1200 pixels
+        rle = mask_util.frPyObjects({"size": [30, 40], "counts": counts}, 30, 40)
+        mapper = DiffusionDetDatasetMapper(True, augmentations=[T.ResizeShortestEdge(32, 1000)],
+                                           mask_on=True, mask_format="bitmask")
+        with capture_logs("diffusiondet") as logs:
+            out = mapper(_mask_sample(workdir, rle))
+        check(out is not None and len(out["instances"]) == 0, "the RLE annotation was kept")
+        return expect_logged(logs, ["masked.png", "annotation ids [77]"])
+
+    return case
+
+
+def short_polygons(workdir):
+    from diffusiondet.data.datasets.coco_json import check_coco_dict
+
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 4, "width": 4}],
+            "categories": [{"id": 1, "name": "x"}],
+            "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "segmentation": [[0, 0, 1, 1]]},
+                            {"id": 6, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "segmentation": [[]]}]}  # fmt: skip
+    with capture_logs("diffusiondet") as logs:
+        check_coco_dict(coco, "train.json")
+    return expect_logged(logs, ["train.json", "ids [5, 6]", "fewer than 3 points"])
+
+
+def _file_name_outside(name):
+    def case(workdir):
+        from diffusiondet.data.datasets import register_coco_json
+
+        images = os.path.join(workdir, "images")
+        os.makedirs(images)
+        json_file = os.path.join(workdir, "train.json")
+        with open(json_file, "w") as f:
+            json.dump({"images": [{"id": 3, "file_name": name, "height": 8, "width": 8}],
+                       "categories": [{"id": 1, "name": "x"}], "annotations": []}, f)
+        dataset = "drill_outside_" + os.path.basename(workdir)
+        register_coco_json(dataset, json_file, images)
+        from detectron2.data import DatasetCatalog
+
+        return expect_error(lambda: DatasetCatalog.get(dataset), names=["image id 3", name, "ALLOW_OUTSIDE_IMAGE_ROOT"],
+                            exc=(ValueError,))
+
+    return case
+
+
+CASES += [
+    Case("annotations", "rle_counts_below_hxw", _rle_counts_off(-5)),
+    Case("annotations", "rle_counts_above_hxw", _rle_counts_off(7)),
+    Case("annotations", "polygons_short_or_empty", short_polygons),
+    Case("annotations", "file_name_dotdot", _file_name_outside("../outside/secret.png")),
+    Case("annotations", "file_name_absolute", _file_name_outside("/etc/passwd")),
+]

@@ -265,3 +265,27 @@ CASES = [
     Case("images", "decompression_bomb", decompression_bomb),
     Case("images", "tiny_8x8", tiny_image),
 ]
+
+
+def zero_side_after_resize(workdir):
+    """A 3000x1 image: the resize gives a zero side. Training skips it, evaluation says which."""
+    import numpy as np
+    from detectron2.data import transforms as T
+    from PIL import Image
+
+    from diffusiondet.data import DiffusionDetDatasetMapper
+    from diffusiondet.data.dataset_mapper import ImageLoadError
+
+    path = os.path.join(workdir, "line.png")
+    Image.fromarray(np.zeros((1, 3000, 3), np.uint8)).save(path)
+    sample = {"file_name": path, "height": 1, "width": 3000, "image_id": 1, "annotations": []}
+    resize = [T.ResizeShortestEdge(800, 1333)]
+    with capture_logs("diffusiondet") as logs:
+        check(DiffusionDetDatasetMapper(True, augmentations=resize)(sample) is None, "training kept it")
+    line = expect_logged(logs, ["line.png", "3000x1"])
+    error = expect_error(lambda: DiffusionDetDatasetMapper(False, augmentations=resize)(sample),
+                         names=["line.png"], exc=(ImageLoadError,))
+    return f"{line}; evaluation: {error}"
+
+
+CASES.append(Case("images", "zero_side_after_resize_3000x1", zero_side_after_resize))

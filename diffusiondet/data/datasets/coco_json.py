@@ -22,7 +22,7 @@ _NUM_IMAGES_PROBED = 5
 _CHECKED: Dict[str, Tuple[int, int]] = {}
 
 
-def validate_coco_json(json_file: str, image_root: str) -> int:
+def validate_coco_json(json_file: str, image_root: str, allow_outside_root: bool = False) -> int:
     """Check that a COCO json and its image folder are usable, and count its categories.
 
     Args:
@@ -43,7 +43,7 @@ def validate_coco_json(json_file: str, image_root: str) -> int:
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"Image folder not found: '{image_root}' (for '{json_file}')")
     coco = _read_json(json_file)
-    num_categories = check_coco_dict(coco, json_file)
+    num_categories = check_coco_dict(coco, json_file, allow_outside_root)
 
     probed = [
         os.path.join(image_root, im["file_name"]) for im in coco["images"][:_NUM_IMAGES_PROBED]
@@ -60,7 +60,7 @@ def validate_coco_json(json_file: str, image_root: str) -> int:
     return num_categories
 
 
-def check_coco_dict(coco, json_file: str = "<json>") -> int:
+def check_coco_dict(coco, json_file: str = "<json>", allow_outside_root: bool = False) -> int:
     """Check the structure of a parsed COCO instances json; return its number of categories.
 
     Errors that detectron2 / pycocotools would otherwise hit with an anonymous assertion, or not
@@ -101,7 +101,39 @@ def check_coco_dict(coco, json_file: str = "<json>") -> int:
     orphans = _first_ids(a["image_id"] for a in annotations if a["image_id"] not in image_ids)
     if orphans:
         logger.warning("%s: annotations of image_id %s not in 'images' are ignored", where, orphans)
+    if not allow_outside_root:
+        _check_inside_root(coco["images"], where)
+    _warn_about_short_polygons(annotations, where)
     return len(coco["categories"])
+
+
+def _check_inside_root(images, where: str) -> None:
+    """A file_name that is absolute or climbs with '..' reads a file outside the image folder
+    (os.path.join(root, "/etc/passwd") is "/etc/passwd"): an error naming it, unless
+    DATASETS.ALLOW_OUTSIDE_IMAGE_ROOT."""
+    for im in images:
+        name = str(im["file_name"])
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise ValueError(
+                f"{where}: image id {im['id']} has file_name '{name}', which leaves the image folder;"
+                " set DATASETS.ALLOW_OUTSIDE_IMAGE_ROOT True if that is intended"
+            )
+
+
+def _warn_about_short_polygons(annotations, where: str) -> None:
+    """detectron2's loader drops polygons of fewer than 3 points (and ``[[]]``) with one aggregate
+    count naming no file; name the file and the annotation ids here."""
+    short = [
+        a["id"] for a in annotations
+        if isinstance(a.get("segmentation"), list)
+        and any(not isinstance(p, list) or len(p) < 6 for p in a["segmentation"])
+    ]
+    if short:
+        logger.warning(
+            "%s: %d annotation(s) have an empty polygon or one of fewer than 3 points (ids %s);"
+            " those polygons are dropped, and the annotation too when none is left",
+            where, len(short), _first_ids(short),
+        )
 
 
 def _check_entries(coco: dict, key: str, required, where: str) -> None:
@@ -151,6 +183,7 @@ def register_coco_json(
     *,
     evaluator_type: str = "coco",
     metadata: Optional[dict] = None,
+    allow_outside_root: bool = False,
 ) -> None:
     """Register ``name`` in detectron2's DatasetCatalog / MetadataCatalog.
 
@@ -166,6 +199,8 @@ def register_coco_json(
         image_root: folder containing the images.
         evaluator_type: metadata ``evaluator_type`` used to pick an evaluator.
         metadata: extra metadata (e.g. ``thing_classes``) set at registration time.
+        allow_outside_root: accept ``file_name``s that are absolute or contain ``..``
+            (DATASETS.ALLOW_OUTSIDE_IMAGE_ROOT); otherwise loading raises ValueError naming them.
 
     Registering the same name again with the same paths is a no-op; with different paths it
     raises ``ValueError`` instead of silently keeping either.
@@ -189,7 +224,7 @@ def register_coco_json(
         # Checked here too (once per file version) because pycocotools silently merges duplicate
         # image ids; validate_coco_json already did it for DATASETS.CUSTOM files.
         if _CHECKED.get(os.path.abspath(json_file)) != _file_stamp(json_file):
-            check_coco_dict(_read_json(json_file), json_file)
+            check_coco_dict(_read_json(json_file), json_file, allow_outside_root)
             _CHECKED[os.path.abspath(json_file)] = _file_stamp(json_file)
         return load_coco_json(json_file, image_root, dataset_name=name)
 

@@ -18,9 +18,10 @@ def register_custom_datasets(cfg):
     NUM_CLASSES follows the training json's categories, so no Python is needed for own data.
     """
     custom = cfg.DATASETS.CUSTOM
+    outside = cfg.DATASETS.ALLOW_OUTSIDE_IMAGE_ROOT  # file_names leaving the image folder
     if custom.TRAIN_JSON:
-        num_classes = validate_coco_json(custom.TRAIN_JSON, custom.TRAIN_IMAGES)
-        register_coco_json("custom_train", custom.TRAIN_JSON, custom.TRAIN_IMAGES)
+        num_classes = validate_coco_json(custom.TRAIN_JSON, custom.TRAIN_IMAGES, outside)
+        register_coco_json("custom_train", custom.TRAIN_JSON, custom.TRAIN_IMAGES, allow_outside_root=outside)
         cfg.DATASETS.TRAIN = ("custom_train",)
         if cfg.MODEL.DiffusionDet.NUM_CLASSES != num_classes:
             logger.info(
@@ -28,8 +29,8 @@ def register_custom_datasets(cfg):
             )
             cfg.MODEL.DiffusionDet.NUM_CLASSES = num_classes
     if custom.TEST_JSON:
-        num_test = validate_coco_json(custom.TEST_JSON, custom.TEST_IMAGES)
-        register_coco_json("custom_test", custom.TEST_JSON, custom.TEST_IMAGES)
+        num_test = validate_coco_json(custom.TEST_JSON, custom.TEST_IMAGES, outside)
+        register_coco_json("custom_test", custom.TEST_JSON, custom.TEST_IMAGES, allow_outside_root=outside)
         cfg.DATASETS.TEST = ("custom_test",)
         if custom.TRAIN_JSON and num_test != cfg.MODEL.DiffusionDet.NUM_CLASSES:
             raise ValueError(
