@@ -236,3 +236,16 @@ def test_diffusioninst_config_draws_masks(image_dir, tmp_path):
     with_masks = (outputs["DiffusionInst"] != original).any(-1).mean()
     boxes_only = (outputs["DiffusionDet"] != original).any(-1).mean()
     assert with_masks > boxes_only
+
+
+def test_a_visualisation_on_a_full_disk_is_an_error_naming_it(tmp_path):
+    # cv2.imwrite returns True on /dev/full; the demo's own write must not.
+    from tests.drill.evaluation import demo_image_on_a_full_disk
+
+    assert str(tmp_path / "drawn.png") in demo_image_on_a_full_disk(str(tmp_path))
+
+
+def test_a_video_writer_that_does_not_open_is_an_error_naming_it(tmp_path):
+    from tests.drill.evaluation import demo_video_writer_not_opened
+
+    assert str(tmp_path / "missing" / "out.mp4") in demo_video_writer_not_opened(str(tmp_path))

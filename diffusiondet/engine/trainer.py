@@ -17,6 +17,7 @@ from ..utils.rng_state import capture_rng_state, preserved_rng_state, restore_rn
 from ..evaluation import ClassMappingEvaluator, CrowdHumanEvaluator, parse_class_mapping
 from ..evaluation.lvis_compat import ensure_lvis_numpy_compat
 from .checkpoint import DiffusionDetCheckpointer
+from .output_check import check_writable_dir
 from .optimizer import build_optimizer
 from .train_loop import SkipNonFiniteTrainer
 
@@ -180,6 +181,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def _dataset_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        if comm.is_main_process():
+            # DefaultTrainer.test builds the evaluator before the inference, and the evaluator
+            # writes (on the main process) only after it: a full or read-only disk fails here.
+            check_writable_dir(output_folder, f"the evaluation results of {dataset_name}")
         meta = MetadataCatalog.get(dataset_name)
         if getattr(meta, "evaluator_type", None) == "crowdhuman":
             if cfg.TEST.CLASS_MAPPING:  # detections arrive relabelled to this dataset's classes

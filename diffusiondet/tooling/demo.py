@@ -143,6 +143,23 @@ class Demo:
             yield cv2.cvtColor(drawn.get_image(), cv2.COLOR_RGB2BGR)
 
 
+def write_image(path, image_bgr):
+    """Write ``image_bgr`` to ``path`` or raise ``OSError`` naming it.
+
+    ``cv2.imwrite`` reports a failure only by returning False, and not even that on a full disk
+    (its buffered write to /dev/full returns True): encode with OpenCV, write with Python, whose
+    file object raises on a short write.
+    """
+    ok, encoded = cv2.imencode(os.path.splitext(path)[1] or ".png", image_bgr)
+    if not ok:
+        raise OSError(f"cannot encode the visualisation of {path}")
+    try:
+        with open(path, "wb") as f:
+            f.write(encoded.tobytes())
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the visualisation {path}: {e.strerror or e}") from e
+
+
 def run_images(demo, paths, output):
     if output:
         os.makedirs(output, exist_ok=True)
@@ -157,7 +174,7 @@ def run_images(demo, paths, output):
         logger.info("%s: %d detections in %.2f s", path, len(instances), time.perf_counter() - start)
         drawn = demo.draw_image(image[:, :, ::-1], instances)
         if output:
-            cv2.imwrite(os.path.join(output, os.path.basename(path)), drawn[:, :, ::-1])
+            write_image(os.path.join(output, os.path.basename(path)), drawn[:, :, ::-1])
         else:
             cv2.imshow("DiffusionDet", drawn[:, :, ::-1])
             if cv2.waitKey(0) == 27:
@@ -172,6 +189,9 @@ def run_stream(demo, capture, output):
                 h, w = frame.shape[:2]
                 fps = capture.get(cv2.CAP_PROP_FPS) or 15
                 writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                if not writer.isOpened():  # OpenCV's writer fails silently: every frame would be lost
+                    capture.release()
+                    raise OSError(f"cannot write the video {output} (missing folder, read-only or no codec)")
             writer.write(frame)
         else:
             cv2.imshow("DiffusionDet", frame)
