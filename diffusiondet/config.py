@@ -58,6 +58,12 @@ def add_diffusiondet_config(cfg):
     d.DYNAMIC_CHUNK_SIZE = 0
     # GPU inference with DYNAMIC_CHUNK_SIZE 0: MiB of generated parameters per chunk; 0 = unchunked.
     d.DYNAMIC_MEMORY_BUDGET_MB = 512
+    # MiB that the O(N^2) parts of inference may take (see inference_memory_mb: one stage's
+    # attention weights and the NMS IoU matrix); an EVAL_NUM_PROPOSALS (--boxes) whose estimate
+    # exceeds it is a config error at start-up, not an out-of-memory kill mid-evaluation. 16 GiB
+    # admits the paper's largest setting (2000 boxes, 4 steps: ~0.5 GiB) and 5000 boxes (~3 GiB);
+    # 0 = no check.
+    d.MAX_INFERENCE_MEMORY_MB = 16384
     # Box-delta clamp for width/height (official: ln(100000 / 16)).
     d.BBOX_SCALE_CLAMP = 8.740336742730447
 
@@ -210,6 +216,43 @@ def add_diffusiondet_config(cfg):
     d.ALLOW_TF32 = False
 
 
+def inference_memory_mb(boxes: int, *, heads: int, images: int, steps: int, ensemble: bool) -> float:
+    """Estimated MiB of the parts of inference that grow as the square of the box count ``boxes``.
+
+    - Self-attention over the proposals, one stage at a time: ``images * heads * boxes^2`` fp32
+      weights, counted twice (the scores and their softmax live together).
+    - NMS over the candidates of one image (``boxes`` per step, from every step when the
+      predictions of all steps are ensembled): a dense ``candidates^2`` fp32 IoU matrix, the
+      most a batched NMS may build.
+
+    The linear parts (features, RoI pooling, the DynamicConv parameters chunked by
+    DYNAMIC_MEMORY_BUDGET_MB) are left out: they are not what a large ``--boxes`` blows up.
+    """
+    attention = 2 * images * heads * boxes**2 * 4
+    candidates = boxes * (steps if ensemble else 1)
+    return (attention + candidates**2 * 4) / 2**20
+
+
+def _inference_memory_error(cfg):
+    d = cfg.MODEL.DiffusionDet
+    boxes = d.EVAL_NUM_PROPOSALS or d.NUM_PROPOSALS
+    if d.MAX_INFERENCE_MEMORY_MB <= 0 or boxes < 1 or d.NHEADS < 1:
+        return None  # no budget, or values that other checks report
+    # Every ensemble mode with more than one step keeps the boxes of several steps for the NMS.
+    estimate = inference_memory_mb(
+        boxes, heads=d.NHEADS, images=max(cfg.TEST.IMS_PER_BATCH, 1), steps=max(d.SAMPLE_STEP, 1),
+        ensemble=d.SAMPLE_STEP > 1,
+    )
+    if estimate <= d.MAX_INFERENCE_MEMORY_MB:
+        return None
+    return (
+        f"MODEL.DiffusionDet.EVAL_NUM_PROPOSALS (--boxes) {boxes} needs an estimated {estimate:.0f} MiB"
+        f" for attention and NMS ({cfg.TEST.IMS_PER_BATCH} image(s) per batch, {d.SAMPLE_STEP} step(s)),"
+        f" above MODEL.DiffusionDet.MAX_INFERENCE_MEMORY_MB = {d.MAX_INFERENCE_MEMORY_MB}: use fewer boxes,"
+        " or raise the budget (0 = no check) if the machine has the memory"
+    )
+
+
 def validate_diffusiondet_config(cfg):
     """Raise a clear ``ValueError`` at start-up for values that would only fail hours later."""
     d = cfg.MODEL.DiffusionDet
@@ -355,6 +398,10 @@ def validate_diffusiondet_config(cfg):
             "INPUT.CROP.PRE_CROP_MIN_SIZES must be one or more sizes >= 1, got"
             f" {tuple(cfg.INPUT.CROP.PRE_CROP_MIN_SIZES)}",
         ),
+        (
+            d.MAX_INFERENCE_MEMORY_MB >= 0,
+            f"MODEL.DiffusionDet.MAX_INFERENCE_MEMORY_MB must be >= 0 (0 = no check), got {d.MAX_INFERENCE_MEMORY_MB}",
+        ),
         # yacs type-checks merged values, but code may assign 1 or "yes"; only a real bool opts in.
         (
             isinstance(cfg.MODEL.TRUST_WEIGHTS, bool),
@@ -362,6 +409,9 @@ def validate_diffusiondet_config(cfg):
         ),
     ]
     errors = [msg for ok, msg in checks if not ok] + backbone_config_errors(cfg)
+    memory = _inference_memory_error(cfg)  # after the checks of the values it reads
+    if memory:
+        errors.append(memory)
     if errors:
         raise ValueError("Invalid DiffusionDet config:\n  " + "\n  ".join(errors))
 

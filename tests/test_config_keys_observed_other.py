@@ -247,6 +247,9 @@ OBSERVED_ELSEWHERE = {
         "tests/data/test_untrusted_data.py::test_file_name_leaving_the_image_folder_is_an_error_unless_allowed",
     # a weights file holding code loads (its code runs) only with the key set
     "MODEL.TRUST_WEIGHTS": "tests/engine/test_untrusted_weights.py::test_trust_weights_loads_a_file_with_code",
+    # --boxes whose attention and NMS estimate exceeds the budget is refused; 0 turns the check off
+    "MODEL.DiffusionDet.MAX_INFERENCE_MEMORY_MB":
+        "tests/test_inference_memory.py::test_boxes_above_the_budget_are_an_error_with_the_estimate",
     # state-dict keys and shapes of each size
     "MODEL.SWIN.SIZE": "tests/modeling/backbone/test_swin_fpn.py::test_every_size_builds_the_official_architecture",
     # which stages reach the FPN, equal to detectron2's Swin outputs

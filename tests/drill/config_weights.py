@@ -74,6 +74,7 @@ BAD_VALUES = [
     ("SOLVER.BACKBONE_MULTIPLIER", -1.0, ()),
     ("INPUT.CROP.PRE_CROP_MIN_SIZES", (400, 0), ()),
     ("MODEL.TRUST_WEIGHTS", "maybe", ()),
+    ("MODEL.DiffusionDet.MAX_INFERENCE_MEMORY_MB", -1, ()),
 ]
 # A second check on a key already in the table: SAMPLE_STEP may not exceed NUM_TIMESTEPS.
 EXTRA_BAD_VALUES = [("MODEL.DiffusionDet.SAMPLE_STEP", 50, ("MODEL.DiffusionDet.NUM_TIMESTEPS", 20))]
@@ -316,6 +317,13 @@ def _run_main_job_without_weights(workdir):
     return expect_error(lambda: job.evaluate(CONFIG, opts, missing, 1, 10), names=[missing])
 
 
+def _boxes_beyond_memory_budget(workdir):
+    # 200000 boxes: one stage's attention alone is ~1.2 TiB (8 heads); the default budget refuses it.
+    opts = ["MODEL.DiffusionDet.EVAL_NUM_PROPOSALS", 200000, "TEST.IMS_PER_BATCH", 1]
+    return expect_error(lambda: _build(opts), names=["--boxes", "200000", "MiB", "MAX_INFERENCE_MEMORY_MB"],
+                        exc=(ValueError,))
+
+
 def _cases():
     cases = [
         Case("config_weights", f"bad_value[{key}]", functools.partial(_bad_value, key, value, extra))
@@ -344,6 +352,7 @@ def _cases():
         Case("config_weights", "eval_only_without_weights_cli", _eval_only_without_weights_cli, slow=True),
         Case("config_weights", "demo_weights_of_another_architecture", _demo_other_architecture),
         Case("config_weights", "run_main_job_weights_missing", _run_main_job_without_weights),
+        Case("config_weights", "boxes_beyond_memory_budget", _boxes_beyond_memory_budget),
     ]
 
 
