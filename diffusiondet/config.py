@@ -181,6 +181,9 @@ def add_diffusiondet_config(cfg):
 
     # Shorter-side sizes of the resize that precedes the random crop in the DETR-style branch.
     cfg.INPUT.CROP.PRE_CROP_MIN_SIZES = (400, 500, 600)
+    # Longest-edge cap of that resize (the official code has none): bounds the memory of a very
+    # elongated image; 4000 keeps the official resize for aspects up to 6.67 at 600.
+    cfg.INPUT.CROP.PRE_CROP_MAX_SIZE = 4000
 
     # --- speed switches (detections unchanged unless noted) ---
     # Threads pooling RoIs at CPU inference (bit-identical output): 0 = torch.get_num_threads(),
@@ -401,6 +404,10 @@ def validate_diffusiondet_config(cfg):
         (
             d.MAX_INFERENCE_MEMORY_MB >= 0,
             f"MODEL.DiffusionDet.MAX_INFERENCE_MEMORY_MB must be >= 0 (0 = no check), got {d.MAX_INFERENCE_MEMORY_MB}",
+        ),
+        (
+            cfg.INPUT.CROP.PRE_CROP_MAX_SIZE >= 1,
+            f"INPUT.CROP.PRE_CROP_MAX_SIZE must be >= 1, got {cfg.INPUT.CROP.PRE_CROP_MAX_SIZE}",
         ),
         # yacs type-checks merged values, but code may assign 1 or "yes"; only a real bool opts in.
         (

@@ -242,6 +242,9 @@ OBSERVED_ELSEWHERE = {
     "DATASETS.CUSTOM.TEST_IMAGES": "tests/engine/test_custom_dataset_cli.py::test_train_and_evaluate_own_coco_json",
     # the size of the crop branch's output images
     "INPUT.CROP.PRE_CROP_MIN_SIZES": "tests/data/test_augmentation_branches.py::test_crop_branch_crops_and_clips_boxes",
+    # the longest edge of the crop branch's pre-crop resize
+    "INPUT.CROP.PRE_CROP_MAX_SIZE":
+        "tests/data/test_augmentation_branches.py::test_crop_branch_pre_resize_is_capped_by_its_max_size",
     # a json whose file_names leave the image folder registers only with the key set
     "DATASETS.ALLOW_OUTSIDE_IMAGE_ROOT":
         "tests/data/test_untrusted_data.py::test_file_name_leaving_the_image_folder_is_an_error_unless_allowed",

@@ -11,6 +11,7 @@ import numpy as np
 from detectron2.data import transforms as T
 
 __all__ = [
+    "DEFAULT_PRE_CROP_MAX_SIZE",
     "DEFAULT_PRE_CROP_MIN_SIZES",
     "RandomChoiceOfAugmentations",
     "build_diffusiondet_train_augmentation",
@@ -19,6 +20,10 @@ __all__ = [
 
 # Shortest-edge sizes applied before cropping in the crop branch (DETR / DiffusionDet COCO values).
 DEFAULT_PRE_CROP_MIN_SIZES = (400, 500, 600)
+# Cap on the longest edge of that resize. The official code has none (an image of aspect 3000:1
+# becomes 600 x 1.8M pixels before the crop); 4000 leaves every image of aspect up to 6.67 at the
+# 600 scale (every COCO image) as the official code resizes it.
+DEFAULT_PRE_CROP_MAX_SIZE = 4000
 
 
 class RandomChoiceOfAugmentations(T.Augmentation):
@@ -72,6 +77,7 @@ def diffusiondet_train_augmentation(
     crop_type: str = "absolute_range",
     crop_size: Sequence[int] = (384, 600),
     pre_crop_min_sizes: Sequence[int] = DEFAULT_PRE_CROP_MIN_SIZES,
+    pre_crop_max_size: int = DEFAULT_PRE_CROP_MAX_SIZE,
     crop_prob: float = 0.5,
 ) -> List[T.Augmentation]:
     """Build the training augmentation list (the official implementation's dataset mapper: flip,
@@ -86,6 +92,7 @@ def diffusiondet_train_augmentation(
         crop_type, crop_size: arguments of ``T.RandomCrop`` (e.g. "absolute_range", (384, 600):
             crop height and width each drawn from [384, min(600, image side)]).
         pre_crop_min_sizes: shortest-edge sizes to choose from before cropping.
+        pre_crop_max_size: cap on the longest edge after that resize (pixels).
         crop_prob: probability of taking the crop branch instead of the base one.
 
     Returns:
@@ -98,7 +105,7 @@ def diffusiondet_train_augmentation(
     if not crop_enabled:
         return base
     crop_branch = _flip(random_flip) + [
-        T.ResizeShortestEdge(list(pre_crop_min_sizes), sample_style="choice"),
+        T.ResizeShortestEdge(list(pre_crop_min_sizes), pre_crop_max_size, sample_style="choice"),
         T.RandomCrop(crop_type, list(crop_size)),
         final_resize,
     ]
@@ -109,8 +116,9 @@ def build_diffusiondet_train_augmentation(cfg) -> List[T.Augmentation]:
     """Training augmentations from a detectron2 config.
 
     Reads INPUT.{MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING, RANDOM_FLIP} and
-    INPUT.CROP.{ENABLED, TYPE, SIZE}, plus INPUT.CROP.PRE_CROP_MIN_SIZES when present (default
-    :data:`DEFAULT_PRE_CROP_MIN_SIZES`), so small-image configs can scale the crop branch.
+    INPUT.CROP.{ENABLED, TYPE, SIZE}, plus INPUT.CROP.PRE_CROP_MIN_SIZES and PRE_CROP_MAX_SIZE when
+    present (defaults :data:`DEFAULT_PRE_CROP_MIN_SIZES`, :data:`DEFAULT_PRE_CROP_MAX_SIZE`), so
+    small-image configs can scale the crop branch.
     """
     return diffusiondet_train_augmentation(
         min_size_train=cfg.INPUT.MIN_SIZE_TRAIN,
@@ -121,4 +129,5 @@ def build_diffusiondet_train_augmentation(cfg) -> List[T.Augmentation]:
         crop_type=cfg.INPUT.CROP.TYPE,
         crop_size=cfg.INPUT.CROP.SIZE,
         pre_crop_min_sizes=cfg.INPUT.CROP.get("PRE_CROP_MIN_SIZES", DEFAULT_PRE_CROP_MIN_SIZES),
+        pre_crop_max_size=cfg.INPUT.CROP.get("PRE_CROP_MAX_SIZE", DEFAULT_PRE_CROP_MAX_SIZE),
     )

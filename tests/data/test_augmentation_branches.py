@@ -124,3 +124,27 @@ def test_crop_branch_crops_and_clips_boxes(image):
     # both clips boxes and drops boxes left outside it.
     assert 5 <= base <= 35 and len(offsets) >= 5
     assert clipped > 0 and dropped > 0
+
+
+def _pre_crop_size(height, width, *opts):
+    """(h, w) after the crop branch's pre-crop resize, built from a config with ``opts``."""
+    from detectron2.data import transforms as T
+
+    from diffusiondet.data.augmentation import build_diffusiondet_train_augmentation
+
+    cfg = get_cfg()
+    add_diffusiondet_config(cfg)
+    cfg.merge_from_list(["INPUT.CROP.ENABLED", True, "INPUT.CROP.PRE_CROP_MIN_SIZES", (600,), *opts])
+    (choice,) = build_diffusiondet_train_augmentation(cfg)
+    pre_resize = choice.choices[1].augs[1]  # crop branch: flip, pre-crop resize, crop, resize
+    assert isinstance(pre_resize, T.ResizeShortestEdge)
+    transform = pre_resize.get_transform(np.zeros((height, width, 3), np.uint8))
+    return transform.new_h, transform.new_w
+
+
+def test_crop_branch_pre_resize_is_capped_by_its_max_size():
+    # A 3000:1 strip: uncapped (as in the official code) its long side would be 1.8M pixels.
+    assert _pre_crop_size(10, 30000, "INPUT.CROP.PRE_CROP_MAX_SIZE", 4000) == (1, 4000)
+    assert _pre_crop_size(10, 30000, "INPUT.CROP.PRE_CROP_MAX_SIZE", 2000) == (1, 2000)
+    # An ordinary image (COCO's widest aspects) is resized as without a cap by the default.
+    assert _pre_crop_size(213, 640) == (600, 1803)

@@ -75,6 +75,7 @@ BAD_VALUES = [
     ("INPUT.CROP.PRE_CROP_MIN_SIZES", (400, 0), ()),
     ("MODEL.TRUST_WEIGHTS", "maybe", ()),
     ("MODEL.DiffusionDet.MAX_INFERENCE_MEMORY_MB", -1, ()),
+    ("INPUT.CROP.PRE_CROP_MAX_SIZE", 0, ()),
 ]
 # A second check on a key already in the table: SAMPLE_STEP may not exceed NUM_TIMESTEPS.
 EXTRA_BAD_VALUES = [("MODEL.DiffusionDet.SAMPLE_STEP", 50, ("MODEL.DiffusionDet.NUM_TIMESTEPS", 20))]
