@@ -297,14 +297,14 @@ def compile_step_calls(cfg):
 
 
 def folded_convolutions(cfg):
-    from diffusiondet.modeling.backbone.frozen_bn_folding import FoldedFrozenBNConv2d
+    from diffusiondet.modeling.acceleration.frozen_bn_folding import FoldedFrozenBNConv2d
 
     model = build_model(cfg)
     return sum(isinstance(m, FoldedFrozenBNConv2d) for m in model.backbone.modules())
 
 
 def fixed_pooler_calls(cfg):
-    from diffusiondet.modeling.head.fixed_shape_pooler import FixedShapeROIPooler
+    from diffusiondet.modeling.acceleration.fixed_shape_pooler import FixedShapeROIPooler
 
     calls = []
     original = FixedShapeROIPooler.forward

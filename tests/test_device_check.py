@@ -17,6 +17,7 @@ import torch
 from detectron2.modeling import build_model
 
 from diffusiondet.diffusion import TorchRandom
+from diffusiondet.modeling.acceleration import set_head_speed_options
 from tests.device import ENV_VAR, device, selected_device  # noqa: F401  (fixture)
 from tests.utils import random_input, tiny_cfg
 
@@ -125,7 +126,7 @@ def test_head_on_device_matches_cpu(device, exact_fp32):  # noqa: F811
         got = model.head(*_head_inputs(device))
         want = cpu_head(*_head_inputs("cpu"))
         # The speed option must not change results on this device either.
-        model.head.set_speed_options(dynamic_chunk_size=7, pooler_threads=1)
+        set_head_speed_options(model.head, dynamic_chunk_size=7, pooler_threads=1)
         chunked = model.head(*_head_inputs(device))
     for key in ("pred_logits", "pred_boxes", "obj_features"):
         assert got[key].device.type == device.type

@@ -15,7 +15,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 
 from diffusiondet.modeling import builders
-from diffusiondet.utils import roofline
+from diffusiondet.tooling import bench_timing, roofline
 from diffusioninst import build_config
 from tests.device import device  # noqa: F401  (fixture)
 from tests.utils import TINY_OPTS, tiny_cfg
@@ -76,9 +76,12 @@ def test_diffusioninst_stage_layers_are_counted():
 def test_timed_waits_for_the_device_around_every_call(monkeypatch):
     events = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
-    roofline.timed(lambda: events.append("call"), torch.device("cuda"), repeats=2)
-    # Warm-up, then each timed call between two synchronisations.
-    assert events == ["call", "sync", "call", "sync", "sync", "call", "sync"]
+    call = lambda: events.append("call")  # noqa: E731
+    measurement = bench_timing.measure(call, torch.device("cuda"), repeats=3)
+    # Timer's two warm-up calls, then the three timed ones, each block between two
+    # synchronisations, so that no queued kernel escapes the clock.
+    assert events == ["sync", "call", "call", "sync", "sync", "call", "call", "call", "sync"]
+    assert measurement.number_per_run == 3 and len(measurement.times) == 1
 
 
 def test_roofline_numbers_are_consistent(device, capsys):  # noqa: F811

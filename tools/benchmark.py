@@ -2,8 +2,8 @@
 """Speed of DiffusionDet inference and training: the fast path against a plain reference path,
 both measured in the same run on the same random-weight model.
 
-    python tools/benchmark.py                    # R-50-FPN, 512x512, CPU: about 6 min on 2 cores
-    python tools/benchmark.py --quick            # smoke run, about 1 min
+    python tools/benchmark.py                    # R-50-FPN, 512x512, CPU: about 11 min on 2 cores
+    python tools/benchmark.py --quick            # smoke run, about 3 min
     python tools/benchmark.py --device cuda --image-size 800 --amp bf16 --compile
     python tools/benchmark.py --quick --roofline  # time against the fp32 GEMM peak (floor)
 
@@ -20,10 +20,9 @@ also reports how many of the reference's best detections are found again.
 Shape legend: B images per call, N boxes per image, S DDIM steps (model calls).
 """
 import argparse
+import contextlib
 import copy
-import statistics
 import sys
-import time
 from math import nan
 
 import torch
@@ -33,13 +32,13 @@ from detectron2.structures import Instances, pairwise_iou
 
 from diffusiondet.diffusion import TorchRandom
 from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
-from diffusiondet.modeling.backbone.frozen_bn_folding import FoldedFrozenBNConv2d
+from diffusiondet.modeling.acceleration import set_head_speed_options
+from diffusiondet.modeling.acceleration.frozen_bn_folding import FoldedFrozenBNConv2d
 from diffusiondet.modeling.builders import sampler_kwargs
 from diffusiondet.modeling.graph_sampler import GraphBoxSampler
-from diffusiondet.tooling import chunk_sweep
+from diffusiondet.tooling import chunk_sweep, roofline
+from diffusiondet.tooling.bench_timing import HeadTimer, PeakMemory, measure
 from diffusiondet.tooling.bench_training import benchmark_training, random_images
-from diffusiondet.utils import roofline
-from diffusiondet.utils.bench_timing import HeadTimer, PeakMemory
 from diffusiondet.utils.cpu_info import describe_cpu
 
 FULL_CASES = ((1, 300), (4, 300), (1, 1000), (4, 1000), (4, 2000))
@@ -55,7 +54,8 @@ def parse_args():
     parser.add_argument("--image-size", type=int, help="input height (pixels; 512, --quick 384)")
     parser.add_argument("--image-width", type=int, default=0, help="input width (default: square)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (median)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs per row, after two untimed ones (mean)")
     parser.add_argument("--batches", help="comma-separated batch sizes (1,4; --quick 1,2)")
     parser.add_argument("--cases", help="steps@boxes list replacing the default cases, e.g. 1@300,4@500")
     parser.add_argument("--roofline", action="store_true",
@@ -86,8 +86,10 @@ def parse_args():
 
 def set_path(model, reference: bool, amp: str = "") -> None:
     """Switch ``model`` between the reference and the fast path in place (weights untouched)."""
-    model.head.set_speed_options(
-        dynamic_chunk_size=UNCHUNKED if reference else 0, pooler_threads=1 if reference else 0
+    set_head_speed_options(
+        model.head,
+        dynamic_chunk_size=UNCHUNKED if reference else 0,
+        pooler_threads=1 if reference else 0,
     )
     model.sampler.skip_unused_calls = not reference
     model.inference_amp = amp
@@ -101,21 +103,20 @@ def per_image_rngs(count: int):
     return [TorchRandom(generator=torch.Generator().manual_seed(seed)) for seed in range(count)]
 
 
-def timed_inference(model, images, head_timer, memory, repeats, warmup=False):
-    """Median seconds (whole call, head only) of ``model.inference``; peak MB; the outputs."""
-    walls, heads, result = [], [], {}
-    if warmup:  # torch.compile compiles on the first calls of each shape
-        model.inference(images, per_image_rng=per_image_rngs(len(images)))
-    for _ in range(repeats):
-        head_timer.total = 0.0
-        with memory.measure(result):
-            roofline.synchronize(model.device)  # no earlier kernel billed to this call
-            start = time.perf_counter()
-            outputs = model.inference(images, per_image_rng=per_image_rngs(len(images)))
-            roofline.synchronize(model.device)
-            walls.append(time.perf_counter() - start)
-        heads.append(head_timer.total)
-    return statistics.median(walls), statistics.median(heads), result["peak_mb"], outputs
+def timed_inference(model, images, head_timer, memory, repeats):
+    """Mean seconds per call (whole call, head only) of ``model.inference`` after the timer's
+    warm-up calls (which also compile a compiled model); peak MB of the first call; the outputs."""
+    outputs, result = [], {}
+
+    def infer():
+        # Probed on the first call, an untimed warm-up: the cold call's peak, as a single call
+        # has it, and the probe's /proc reads stay out of the timed calls.
+        probe = memory.measure(result) if not result else contextlib.nullcontext()
+        with probe:
+            outputs[:] = model.inference(images, per_image_rng=per_image_rngs(len(images)))
+
+    wall = measure(infer, model.device, repeats, setup=head_timer.reset).mean
+    return wall, head_timer.total / repeats, result["peak_mb"], outputs
 
 
 def detection_difference(a: Instances, b: Instances):
@@ -167,9 +168,8 @@ def benchmark_inference(model, compiled, graph_models, args, cases, batches, hea
             tf32 = torch.backends.cuda.matmul.allow_tf32  # ALLOW_TF32's switch
             torch.backends.cuda.matmul.allow_tf32 = tf32 or amp == "tf32"
             wall, head, mem, out = timed_inference(
-                run_model, images[:batch], head_timer, memory, args.repeats,
-                warmup=amp in ("compile", "graph+compile"),
-            )  # fmt: skip
+                run_model, images[:batch], head_timer, memory, args.repeats
+            )
             torch.backends.cuda.matmul.allow_tf32 = tf32
             fast = out[0]["instances"]
             dbox, dscore = detection_difference(fast, reference)
@@ -250,7 +250,7 @@ def main():
     model.inference(random_images(1, args.image_size))
     with torch.no_grad():
         images, _ = model.preprocess_image(random_images(1, args.image_size, width=args.image_width))
-        backbone_s = roofline.timed(lambda: model.extract_features(images), model.device, 1)[0]
+        backbone_s = measure(lambda: model.extract_features(images), model.device, 1).mean
 
     rows = benchmark_inference(
         model, compiled, graph_models, args, cases, batches, head_timer, memory

@@ -14,6 +14,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import get_fed_loss_cls_weights
 from detectron2.layers import ShapeSpec
 
+from .acceleration import SpeedOptions, accelerate_head
 from .criterion import SetCriterion
 from .head import DynamicHead
 from .matcher import DynamicKMatcher
@@ -51,14 +52,14 @@ def head_kwargs(cfg, input_shapes: List[ShapeSpec]) -> Dict[str, Any]:
         prior_prob=d.PRIOR_PROB,
         deep_supervision=d.DEEP_SUPERVISION,
         scale_clamp=d.BBOX_SCALE_CLAMP,
-        dynamic_chunk_size=d.DYNAMIC_CHUNK_SIZE,
-        dynamic_memory_budget_mb=d.DYNAMIC_MEMORY_BUDGET_MB,
-        pooler_threads=d.POOLER_THREADS,
     )
 
 
 def build_head(cfg, input_shapes: List[ShapeSpec]) -> DynamicHead:
-    return DynamicHead(**head_kwargs(cfg, input_shapes))
+    """The head alone, with the config's speed options, as a model built from ``cfg`` has it."""
+    head = DynamicHead(**head_kwargs(cfg, input_shapes))
+    accelerate_head(head, SpeedOptions.from_config(cfg))
+    return head
 
 
 def _fed_loss_weights(cfg) -> torch.Tensor:

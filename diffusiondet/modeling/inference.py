@@ -18,6 +18,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 
 from ..diffusion import RandomSource, seeded_source
 from ..options import INFERENCE_AMP_DTYPES
+from .acceleration import pooling_for_sampling
 
 __all__ = ["DiffusionInference", "ImageContext", "to_fp32"]
 
@@ -115,9 +116,7 @@ class DiffusionInference:
             # Scores, renewal and NMS stay in fp32: bf16 logits would tie many scores.
             return {k: to_fp32(v) for k, v in out.items()}
 
-        self.head.use_fixed_shape_pooling(self.pools_with_fixed_shapes())
-        try:
-            pool_input = self.head.prepare_features(features)  # packed once for all model calls
+        with pooling_for_sampling(self, features) as pool_input:
             candidates = self.sampler.sample_candidates(
                 denoise_fn,
                 self.alphas_cumprod,
@@ -126,20 +125,12 @@ class DiffusionInference:
                 rng=rng,
                 per_image_rng=per_image_rng,
             )
-        finally:
-            self.head.use_fixed_shape_pooling(False)
         detections = self.sampler.select_batch(candidates)  # one batched NMS in graph mode
         contexts = self.image_contexts(batched_inputs, images, features)
         return [
             {"instances": self.postprocess_detections(det, ctx, do_postprocess)}
             for det, ctx in zip(detections, contexts)
         ]
-
-    def pools_with_fixed_shapes(self) -> bool:
-        """Whether inference pools with the head's fixed-shape pooler: the graph sampler needs
-        it, and CPU inference is faster with it (FIXED_SHAPE_POOLING); training never does."""
-        cpu_fixed = self.fixed_shape_pooling and self.device.type == "cpu"
-        return self.sampler.fixed_shape_pooling or cpu_fixed
 
     def image_contexts(
         self, batched_inputs: List[Dict], images: ImageList, features: List[torch.Tensor]

@@ -33,7 +33,7 @@ from ..diffusion import (
 )
 from ..options import INFERENCE_AMP_DTYPES
 from . import builders
-from .backbone.frozen_bn_folding import fold_frozen_batchnorm_at_inference
+from .acceleration import SpeedOptions, accelerate
 from .criterion import SetCriterion
 from .head import DynamicHead
 from .inference import DiffusionInference, ImageContext, to_fp32  # noqa: F401  (re-exported)
@@ -68,8 +68,7 @@ class DiffusionDet(DiffusionInference, nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         inference_amp: str = "",
-        compile_head: bool = False,
-        fixed_shape_pooling: bool = False,
+        speed: SpeedOptions = SpeedOptions(),
         sampling_seed: int = -1,
     ):
         """
@@ -88,9 +87,8 @@ class DiffusionDet(DiffusionInference, nn.Module):
             pixel_mean, pixel_std: per-channel normalisation of the input image.
             inference_amp: autocast backbone and head at inference, one of
                 ``INFERENCE_AMP_DTYPES`` ("" = off); the sampler keeps working in fp32.
-            compile_head: ``torch.compile`` each head stage in place (state-dict keys unchanged).
-            fixed_shape_pooling: CPU inference pools with the head's fixed-shape pooler (the graph
-                sampler always does).
+            speed: options that trade speed or memory only (``diffusiondet.modeling.acceleration``);
+                the default changes nothing.
             sampling_seed: >= 0: inference draws each image's noise from a generator seeded by
                 (seed, image_id), so the detections of an image do not depend on the batch it
                 is in or on what ran before; < 0: from torch's global generator.
@@ -118,18 +116,12 @@ class DiffusionDet(DiffusionInference, nn.Module):
                 f"got {inference_amp!r}"
             )
         self.inference_amp = inference_amp
-        self.fixed_shape_pooling = fixed_shape_pooling
         self.sampling_seed = sampling_seed
-        if compile_head:
-            # Per stage: the pooler between stages has data-dependent shapes (level split).
-            for stage in self.head.head_series:
-                stage.compile(dynamic=True)
+        accelerate(self, speed)
 
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
-        if cfg.MODEL.DiffusionDet.FOLD_FROZEN_BN:
-            fold_frozen_batchnorm_at_inference(backbone)
         in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
         shapes = backbone.output_shape()
         d = cfg.MODEL.DiffusionDet
@@ -152,8 +144,7 @@ class DiffusionDet(DiffusionInference, nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "inference_amp": d.INFERENCE_AMP,
-            "compile_head": d.COMPILE_HEAD,
-            "fixed_shape_pooling": d.FIXED_SHAPE_POOLING,
+            "speed": SpeedOptions.from_config(cfg),
             "sampling_seed": cfg.SEED,
         }
 

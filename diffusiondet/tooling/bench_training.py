@@ -2,14 +2,14 @@
 (serial RoIAlign backward, torch's unfused AdamW) from the same weights, batch and noise; and the
 random images and training batch that ``tools/dev/profile_speed.py`` profiles too."""
 import copy
-import time
+import itertools
 
 import torch
 
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from diffusiondet.engine import build_optimizer
-from diffusiondet.utils import roofline
+from diffusiondet.tooling.bench_timing import measure
 
 
 def random_images(count: int, size: int, seed: int = 0, width: int = 0):
@@ -40,8 +40,9 @@ def training_batch(cfg, size: int):
 
 def benchmark_training(cfg, model, args):
     """Training iterations/s of the default path and of the reference path (serial RoIAlign
-    backward, torch's unfused AdamW), batch 2, one untimed warm-up iteration each, both from the
-    same weights; and the largest difference of their first losses (same batch, same noise)."""
+    backward, torch's unfused AdamW), batch 2, after the timer's two untimed warm-up iterations,
+    both from the same weights; and the largest difference of their first losses (same batch,
+    same noise)."""
     batch, results = training_batch(cfg, args.image_size), {}
     for path in ("reference", "fast"):
         run_cfg = cfg.clone()
@@ -50,18 +51,18 @@ def benchmark_training(cfg, model, args):
         run_model = copy.deepcopy(model).train()
         run_model.head.box_pooler.threaded_backward = path == "fast"
         optimizer = build_optimizer(run_cfg, run_model)
-        times, first = [], None
-        for i in range(args.train_iters + 1):
-            torch.manual_seed(i)  # the same noise on both paths
-            roofline.synchronize(run_model.device)
-            start = time.perf_counter()
+        seeds, first = itertools.count(), {}
+
+        def iteration():
+            torch.manual_seed(next(seeds))  # the same noise on both paths
             losses = run_model(batch)
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
-            roofline.synchronize(run_model.device)
-            times.append(time.perf_counter() - start)
-            first = first or {k: v.item() for k, v in losses.items()}
-        results[path] = (args.train_iters / sum(times[1:]), first)
+            if not first:
+                first.update({k: v.item() for k, v in losses.items()})
+
+        seconds = measure(iteration, run_model.device, args.train_iters).mean
+        results[path] = (1 / seconds, first)
     loss_diff = max(abs(results["fast"][1][k] - v) for k, v in results["reference"][1].items())
     return results["fast"][0], results["reference"][0], loss_diff

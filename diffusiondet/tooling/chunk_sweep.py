@@ -6,18 +6,19 @@
 
 Times the dynamic layer alone (R-50 sizes: D = 256, DD = 64, 7x7 RoIs; random inputs), fp32,
 inference, for N proposals at several chunk sizes, interleaved round-robin so that a load on the
-machine hits every size alike; reports the best of ``repeats`` runs and each size's time relative
-to the fastest. ``auto`` is what ``DYNAMIC_CHUNK_SIZE 0`` picks.
+machine hits every size alike; reports the best of ``repeats`` measurements (each one call after
+the timer's warm-up) and each size's time relative to the fastest. ``auto`` is what
+``DYNAMIC_CHUNK_SIZE 0`` picks.
 """
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
+from diffusiondet.modeling.acceleration.chunk_budget import last_level_cache_bytes
 from diffusiondet.modeling.head import DynamicConv
-from diffusiondet.modeling.head.dynamic_conv import last_level_cache_bytes
+from diffusiondet.tooling.bench_timing import measure
 from diffusiondet.utils.cpu_info import AVX2_EMULATION_ENV, describe_cpu
 
 CHUNKS = (16, 32, 64, 128, 256, 512, 1024, 0)  # 0: one chunk (the official unchunked layer)
@@ -31,15 +32,13 @@ def sweep(num_props: int, repeats: int, chunks=CHUNKS):
     roi = torch.randn(num_props, 49, 256, generator=g)
     chunks = [c for c in chunks if c < num_props]  # larger ones are the same single chunk as 0
     best = {c: float("inf") for c in chunks}
+    cpu = torch.device("cpu")
     with torch.no_grad():
         auto = dynamic_auto(num_props)
-        conv(pro, roi)  # warm-up: allocator, MKL buffers
         for _ in range(repeats):
             for c in chunks:
                 conv.chunk_size = c if c > 0 else num_props
-                start = time.perf_counter()
-                conv(pro, roi)
-                best[c] = min(best[c], time.perf_counter() - start)
+                best[c] = min(best[c], measure(lambda: conv(pro, roi), cpu, 1).mean)
     return best, auto
 
 

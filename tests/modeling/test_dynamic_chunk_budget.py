@@ -8,8 +8,9 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from diffusiondet.modeling.head.dynamic_conv import DEFAULT_MEMORY_BUDGET_BYTES, DynamicConv
-from diffusiondet.modeling.head import dynamic_conv
+from diffusiondet.modeling.acceleration import chunk_budget, set_head_speed_options
+from diffusiondet.modeling.acceleration.chunk_budget import DEFAULT_MEMORY_BUDGET_BYTES
+from diffusiondet.modeling.head import DynamicConv
 from tests.utils import tiny_cfg
 
 MiB = 1 << 20
@@ -54,7 +55,7 @@ def test_budget_does_not_change_training_explicit_chunks_or_cpu():
     assert conv.resolved_chunk_size(10000, torch.float32, needs_grad=True, on_cpu=False) == 10000
     assert conv.resolved_chunk_size(0, torch.float32, needs_grad=True, on_cpu=False) == 1
     # CPU: sized from the caches, not from the budget
-    cpu = dynamic_conv.auto_chunk_bytes() // (128 * 1024)
+    cpu = chunk_budget.auto_chunk_bytes() // (128 * 1024)
     assert conv.resolved_chunk_size(10000, torch.float32, needs_grad=False, on_cpu=True) == cpu
     conv.memory_budget_bytes = 0
     assert conv.resolved_chunk_size(10000, torch.float32, needs_grad=False, on_cpu=True) == cpu
@@ -127,12 +128,12 @@ def test_config_default_and_validation():
 def test_set_speed_options_budget_keyword():
     model = build_model(tiny_cfg("MODEL.DiffusionDet.DYNAMIC_MEMORY_BUDGET_MB", 3))
     head = model.head
-    head.set_speed_options(dynamic_chunk_size=0, pooler_threads=1)  # old signature: unchanged
+    set_head_speed_options(head, dynamic_chunk_size=0, pooler_threads=1)  # old signature: unchanged
     assert budgets(model) == {3 * MiB}
-    head.set_speed_options(dynamic_chunk_size=0, pooler_threads=1, dynamic_memory_budget_mb=64)
+    set_head_speed_options(head, dynamic_chunk_size=0, pooler_threads=1, dynamic_memory_budget_mb=64)
     assert budgets(model) == {64 * MiB}
-    head.set_speed_options(dynamic_chunk_size=0, pooler_threads=1, dynamic_memory_budget_mb=0)
+    set_head_speed_options(head, dynamic_chunk_size=0, pooler_threads=1, dynamic_memory_budget_mb=0)
     assert budgets(model) == {0}
     with pytest.raises(ValueError, match="dynamic_memory_budget_mb must be >= 0, got -2"):
-        head.set_speed_options(dynamic_chunk_size=0, pooler_threads=1, dynamic_memory_budget_mb=-2)
+        set_head_speed_options(head, dynamic_chunk_size=0, pooler_threads=1, dynamic_memory_budget_mb=-2)
     assert budgets(model) == {0}

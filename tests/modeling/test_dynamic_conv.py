@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusiondet.modeling.acceleration import chunk_budget
 from diffusiondet.modeling.head import DynamicConv
 from diffusiondet.modeling.head import dynamic_conv as dynamic_conv_module
 
@@ -86,7 +87,7 @@ def test_only_one_chunk_of_parameters_is_generated_at_a_time(monkeypatch):
 )
 def test_auto_chunk_size_follows_the_last_level_cache(monkeypatch, cache_mb, chunk):
     # Half the last-level cache within [4, 16] MB; 0 = unknown cache -> 16 MB.
-    monkeypatch.setattr(dynamic_conv_module, "last_level_cache_bytes", lambda: cache_mb << 20)
+    monkeypatch.setattr(chunk_budget, "last_level_cache_bytes", lambda: cache_mb << 20)
     conv = DynamicConv(hidden_dim=256, dim_dynamic=64, pooler_resolution=7)
     # 128 KiB of float32 parameters per proposal.
     assert conv.resolved_chunk_size(500, torch.float32, needs_grad=False) == chunk
@@ -94,7 +95,7 @@ def test_auto_chunk_size_follows_the_last_level_cache(monkeypatch, cache_mb, chu
 
 
 def test_last_level_cache_is_read_from_sysfs():
-    size = dynamic_conv_module.last_level_cache_bytes()
+    size = chunk_budget.last_level_cache_bytes()
     if not glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         assert size == 0
     else:
@@ -126,8 +127,8 @@ def test_empty_input_and_validation():
 @pytest.mark.parametrize("cache, expected", [(0, 16 << 20), (1, 4 << 20), (8 << 20, 4 << 20),
                                              (20_000_001, 10_000_000), (1 << 30, 16 << 20)])
 def test_chunk_budget_is_half_the_cache_within_bounds(monkeypatch, cache, expected):
-    monkeypatch.setattr(dynamic_conv_module, "last_level_cache_bytes", lambda: cache)
-    budget = dynamic_conv_module.auto_chunk_bytes()
+    monkeypatch.setattr(chunk_budget, "last_level_cache_bytes", lambda: cache)
+    budget = chunk_budget.auto_chunk_bytes()
     assert budget == expected and isinstance(budget, int)
 
 
@@ -135,7 +136,7 @@ def test_chunk_size_is_at_least_one_proposal(monkeypatch):
     conv = DynamicConv(hidden_dim=8, dim_dynamic=4, pooler_resolution=2)
     assert conv.resolved_chunk_size(1, torch.float32, needs_grad=True) == 1
     assert conv.resolved_chunk_size(1, torch.float32, needs_grad=False, on_cpu=False) == 1
-    monkeypatch.setattr(dynamic_conv_module, "auto_chunk_bytes", lambda: 100)  # < one proposal (256 B)
+    monkeypatch.setattr(chunk_budget, "auto_chunk_bytes", lambda: 100)  # < one proposal (256 B)
     assert conv.resolved_chunk_size(50, torch.float32, needs_grad=False) == 1
 
 

@@ -15,7 +15,9 @@ from detectron2.structures import Boxes, ImageList
 from diffusiondet.diffusion import TorchRandom
 from diffusiondet.engine import build_config
 from diffusiondet.modeling import DiffusionDet
-from diffusiondet.modeling.head import DynamicHead, ThreadedROIPooler, threaded_pooler
+from diffusiondet.modeling.acceleration import set_head_speed_options, threaded_pooler
+from diffusiondet.modeling.acceleration.threaded_pooler import ThreadedROIPooler
+from diffusiondet.modeling.head import DynamicHead
 from tests.utils import random_input, tiny_cfg
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
@@ -148,14 +150,14 @@ def test_threaded_pooling_in_the_head_is_bit_identical():
     # the thread that does it changes.
     head = _head()
     features, boxes, t = _features(2), _multi_level_boxes(2, 30), torch.tensor([999, 999])
-    head.set_speed_options(dynamic_chunk_size=7, pooler_threads=1)
+    set_head_speed_options(head, dynamic_chunk_size=7, pooler_threads=1)
     ref = head(features, boxes, t)
-    head.set_speed_options(dynamic_chunk_size=7, pooler_threads=2)
+    set_head_speed_options(head, dynamic_chunk_size=7, pooler_threads=2)
     out = head(features, boxes, t)
     for key in ref:
         assert torch.equal(out[key], ref[key]), key
     with pytest.raises(ValueError, match="pooler_threads"):
-        head.set_speed_options(dynamic_chunk_size=0, pooler_threads=-1)
+        set_head_speed_options(head, dynamic_chunk_size=0, pooler_threads=-1)
 
 
 @pytest.mark.numerics
@@ -169,9 +171,9 @@ def test_dynamic_conv_chunking_agrees_with_one_chunk(chunk_size):
     # boundary bug moves values by O(1).
     head = _head(tame=True)
     features, boxes, t = _features(2), _multi_level_boxes(2, 30), torch.tensor([999, 999])
-    head.set_speed_options(dynamic_chunk_size=UNCHUNKED, pooler_threads=1)
+    set_head_speed_options(head, dynamic_chunk_size=UNCHUNKED, pooler_threads=1)
     ref = head(features, boxes, t)
-    head.set_speed_options(dynamic_chunk_size=chunk_size, pooler_threads=1)
+    set_head_speed_options(head, dynamic_chunk_size=chunk_size, pooler_threads=1)
     out = head(features, boxes, t)
     atol = {"pred_logits": 2e-4, "obj_features": 2e-4, "pred_boxes": 3e-4}  # boxes in px (~300)
     assert set(out) == set(atol)
@@ -226,10 +228,10 @@ def test_fast_model_equals_reference_batch1_loop(model, steps, monkeypatch):
         return [torch.cat(levels) for levels in zip(*per_image)]
 
     monkeypatch.setattr(model, "extract_features", per_image_features)
-    model.head.set_speed_options(dynamic_chunk_size=0, pooler_threads=2)
+    set_head_speed_options(model.head, dynamic_chunk_size=0, pooler_threads=2)
     model.sampler.skip_unused_calls = True
     fast = _infer(model, inputs, [7, 8])
-    model.head.set_speed_options(dynamic_chunk_size=UNCHUNKED, pooler_threads=1)
+    set_head_speed_options(model.head, dynamic_chunk_size=UNCHUNKED, pooler_threads=1)
     model.sampler.skip_unused_calls = False
     reference = [_infer(model, [x], [s])[0] for x, s in zip(inputs, [7, 8])]
     # Not bit-exact: batch 2 changes GEMM row counts (MKL kernel choice), and ATen's vectorised

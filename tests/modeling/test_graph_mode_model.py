@@ -134,7 +134,7 @@ def test_diffusioninst_masks_in_graph_mode():
 
 
 def count_syncs(mode, steps):
-    from diffusiondet.utils.host_syncs import HostSyncCounter
+    from diffusiondet.tooling.host_syncs import HostSyncCounter
 
     # Parity as it runs on a GPU: detectron2's pooler (FIXED_SHAPE_POOLING is for CPUs).
     model, _ = run(mode, "MODEL.DiffusionDet.FIXED_SHAPE_POOLING", False)
@@ -164,7 +164,7 @@ def test_graph_mode_has_no_host_sync_inside_the_sampling_loop():
 
 
 def test_features_are_packed_once_per_batch_not_once_per_call():
-    from diffusiondet.modeling.head.fixed_shape_pooler import FixedShapeROIPooler
+    from diffusiondet.modeling.acceleration.fixed_shape_pooler import FixedShapeROIPooler
 
     model, first = run("graph")
     packs = []

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling.box_regression import Box2BoxTransform
 
+from diffusiondet.modeling.acceleration import set_head_speed_options
 from diffusiondet.modeling.head import (
     DynamicHead,
     RefinementStage,
@@ -377,10 +378,10 @@ def test_dynamic_head_passes_its_settings_to_every_stage():
 
 def test_speed_options_accept_automatic_values_and_reach_every_stage():
     head = _two_stage_head()
-    head.set_speed_options(dynamic_chunk_size=5, pooler_threads=0)
+    set_head_speed_options(head, dynamic_chunk_size=5, pooler_threads=0)
     assert [s.inst_interact.chunk_size for s in head.head_series] == [5, 5]
     assert head.box_pooler.num_threads == 0
-    head.set_speed_options(dynamic_chunk_size=0, pooler_threads=3)
+    set_head_speed_options(head, dynamic_chunk_size=0, pooler_threads=3)
     assert head.box_pooler.num_threads == 3
     with pytest.raises(ValueError, match=r"^dynamic_chunk_size and pooler_threads must be >= 0, got 0 and -1$"):
-        head.set_speed_options(dynamic_chunk_size=0, pooler_threads=-1)
+        set_head_speed_options(head, dynamic_chunk_size=0, pooler_threads=-1)

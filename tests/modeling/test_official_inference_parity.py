@@ -34,6 +34,7 @@ from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 from diffusiondet.diffusion import ReplayRandom
+from diffusiondet.modeling.acceleration import set_head_speed_options
 from diffusiondet.modeling.head import DynamicHead
 from diffusiondet.modeling.sampler import DDIMBoxSampler
 
@@ -54,8 +55,8 @@ def _official_head(parity, num_stages=6, dynamic_chunk_size=0):
         hidden_dim=meta["hidden_dim"], dim_feedforward=meta["dim_feedforward"],
         nhead=meta["nheads"], num_stages=num_stages, num_cls=meta["num_cls"],
         num_reg=meta["num_reg"], dim_dynamic=meta["dim_dynamic"], pooler_scales=SCALES,
-        dynamic_chunk_size=dynamic_chunk_size,
     )  # fmt: skip
+    set_head_speed_options(head, dynamic_chunk_size=dynamic_chunk_size)
     stage_prefixes = tuple(f"head.head_series.{i}." for i in range(num_stages))
     state = {
         name[len("head.") :]: value

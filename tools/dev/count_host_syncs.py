@@ -3,7 +3,7 @@
 
     python tools/dev/count_host_syncs.py --steps 4 --boxes 100 --batch 2
 
-Counts the operations that make a GPU host wait (``diffusiondet.utils.host_syncs``) inside the
+Counts the operations that make a GPU host wait (``diffusiondet.tooling.host_syncs``) inside the
 sampling loop and over sampling + post-processing, for SAMPLING_MODE parity (with detectron2's
 pooler, as on a GPU) and graph, on random images and random weights.
 """
@@ -15,7 +15,8 @@ import torch
 from detectron2.modeling import build_model
 
 from diffusioninst import build_config
-from diffusiondet.utils.host_syncs import HostSyncCounter
+from diffusiondet.modeling.acceleration import pooling_for_sampling
+from diffusiondet.tooling.host_syncs import HostSyncCounter
 
 
 def count(cfg, batch: int):
@@ -26,14 +27,11 @@ def count(cfg, batch: int):
     inputs = [{"image": torch.randint(0, 256, (3, size, size + 16 * b), generator=g, dtype=torch.uint8)}
               for b in range(batch)]  # fmt: skip
     images, whwh, features = model.inference_features(inputs)
-    with HostSyncCounter() as loop:
-        model.head.use_fixed_shape_pooling(model.pools_with_fixed_shapes())
-        pool_input = model.head.prepare_features(features)
+    with HostSyncCounter() as loop, pooling_for_sampling(model, features) as pool_input:
         model.sampler.sample_candidates(
             lambda boxes, t: model.denoise(pool_input, boxes, t), model.alphas_cumprod, whwh,
             model.eval_num_proposals,
         )  # fmt: skip
-        model.head.use_fixed_shape_pooling(False)
     with HostSyncCounter() as whole:
         model.sample_detections(inputs, images, whwh, features)
     return loop, whole

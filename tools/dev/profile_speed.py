@@ -10,7 +10,6 @@ otherwise; --height/--width set the image (800×1216), --boxes the head's boxes 
 """
 import argparse
 import sys
-import time
 
 import torch
 
@@ -18,18 +17,9 @@ from detectron2.modeling import build_model
 
 from diffusioninst import build_config
 from diffusiondet.engine import build_optimizer
-from diffusiondet.modeling.backbone.frozen_bn_folding import FoldedFrozenBNConv2d
+from diffusiondet.modeling.acceleration.frozen_bn_folding import FoldedFrozenBNConv2d
+from diffusiondet.tooling.bench_timing import best_of
 from diffusiondet.tooling.bench_training import random_images, training_batch
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def profile_table(fn, rows: int) -> str:
@@ -51,7 +41,7 @@ def head(model, args) -> None:
     for fixed in (False, True):
         model.head.use_fixed_shape_pooling(fixed)
         call = lambda: model.head(features, boxes, t)  # noqa: E731
-        print(f"\n## head, {args.boxes} boxes, fixed-shape pooling {fixed}: best of 3 {best_of(call):.3f} s")
+        print(f"\n## head, {args.boxes} boxes, fixed-shape pooling {fixed}: best of 3 {best_of(call, model.device, 3):.3f} s")
         print(profile_table(call, args.rows))
     model.head.use_fixed_shape_pooling(False)
 
@@ -78,7 +68,7 @@ def backbone(model, args) -> None:
     for fold in (False, True):
         for layer in folded:
             layer.fold = fold
-        seconds = best_of(lambda: model.backbone(images.tensor))
+        seconds = best_of(lambda: model.backbone(images.tensor), model.device, 3)
         print(f"backbone {args.height}x{args.width}, FOLD_FROZEN_BN {fold}: best of 3 {seconds:.3f} s "
               f"({len(folded)} folding convolutions)")  # fmt: skip
 

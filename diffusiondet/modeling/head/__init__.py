@@ -2,7 +2,6 @@
 from .dynamic_conv import DynamicConv
 from .dynamic_head import DynamicHead, xavier_init_matrices
 from .refinement_stage import RefinementStage
-from .threaded_pooler import ThreadedROIPooler
 from .time_embedding import SinusoidalTimeEmbedding, build_time_mlp
 
 __all__ = [
@@ -10,7 +9,6 @@ __all__ = [
     "DynamicHead",
     "RefinementStage",
     "SinusoidalTimeEmbedding",
-    "ThreadedROIPooler",
     "build_time_mlp",
     "xavier_init_matrices",
 ]

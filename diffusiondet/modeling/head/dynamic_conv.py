@@ -5,63 +5,13 @@ arXiv 2211.09788, Sec. 3.2).
 Shape legend: M = B·N proposals (all images flattened, image-major), P = pooler_resolution² RoI
 bins, D = hidden_dim, DD = dim_dynamic.
 """
-import functools
-import glob
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "DEFAULT_MEMORY_BUDGET_BYTES", "DynamicConv", "auto_chunk_bytes", "last_level_cache_bytes"
-]
+from ..acceleration import DEFAULT_MEMORY_BUDGET_BYTES, proposals_per_chunk
 
-# Most bytes of generated parameters one chunk holds at inference. Per proposal the dynamic layer
-# produces 2·D·DD values (128 KB at D=256, DD=64; 62.5 MB for 500 boxes). Smaller chunks re-read
-# the 32 MB generator weight once per chunk with skinnier GEMMs; bigger ones spill the generated
-# parameters out of cache before the bmm reads them. `tools/benchmark.py --chunk-sweep` on a
-# 2-core Xeon (L2 2 MB/core, L3 300 MB), natively (AVX-512, 2 threads) and as an AVX2 machine
-# (1 thread), 500 and 1000 boxes, two runs: 16 MB chunks were the fastest or within 6 % of it in
-# all four settings (8 MB: 1-13 % slower; one chunk: 4-38 % slower; run-to-run noise ~5 %).
-_MAX_CHUNK_BYTES = 16 << 20
-# Never below this, whatever the cache: tiny chunks re-read the generator weight too often.
-_MIN_CHUNK_BYTES = 4 << 20
-# Off-CPU (GPU) inference: most bytes of generated parameters per chunk. Unchunked, batch 8 ×
-# 2000 boxes generate 2.1 GB per stage; 512 MiB chunks are still 4096 proposals (fp32, R-50 sizes),
-# big enough GEMMs for a GPU.
-DEFAULT_MEMORY_BUDGET_BYTES = 512 << 20
-
-
-# A constant to torch.compile: the step of the graph sampler is traced with fullgraph=True, and
-# reading sysfs is not traceable.
-@functools.lru_cache(maxsize=1)
-@torch.compiler.assume_constant_result
-def last_level_cache_bytes() -> int:
-    """Size of the CPU's largest cache (Linux sysfs), or 0 when it cannot be read."""
-    sizes = []
-    for size_file in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            with open(size_file) as f:
-                text = f.read().strip().upper()
-        except OSError:
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        digits = text.rstrip("KMG")
-        if digits.isdigit():
-            sizes.append(int(digits) * scale)
-    return max(sizes, default=0)
-
-
-def auto_chunk_bytes() -> int:
-    """Generated-parameter bytes per chunk: half the last-level cache, within [4, 16] MB.
-
-    Half, so that a chunk's parameters and the RoI features they multiply stay cached together
-    on CPUs with small caches (an 8 MB L3 gets 4 MB chunks); 16 MB at most, as measured above.
-    """
-    cache = last_level_cache_bytes()
-    if cache <= 0:
-        return _MAX_CHUNK_BYTES
-    return max(_MIN_CHUNK_BYTES, min(_MAX_CHUNK_BYTES, cache // 2))
+__all__ = ["DynamicConv"]
 
 
 class DynamicConv(nn.Module):
@@ -115,25 +65,18 @@ class DynamicConv(nn.Module):
     def resolved_chunk_size(
         self, num_props: int, dtype: torch.dtype, needs_grad: bool, on_cpu: bool = True
     ) -> int:
-        """Proposals per chunk.
-
-        ``chunk_size`` if set. Otherwise all proposals at once when autograd will keep every
-        chunk's parameters anyway (chunking would only make the GEMMs skinnier). On CPU, as many
-        as fit :func:`auto_chunk_bytes` of generated parameters (sized from the CPU's caches).
-        Off-CPU, as many as fit ``memory_budget_bytes`` (a GPU wants big batched GEMMs, not
-        cache-sized ones, but not 2 GB of parameters), at most ``num_props``; all at once if the
-        budget is 0. The budget counts the generated parameters, 2·D·DD values of ``dtype`` per
-        proposal; a chunk's (c, P, DD) and (c, P, D) intermediates add about P·(D + DD) / (2·D·DD)
-        of that (48 % at R-50 sizes).
-        """
-        if self.chunk_size > 0:
-            return self.chunk_size
-        if needs_grad or (not on_cpu and self.memory_budget_bytes == 0):
-            return max(1, num_props)
+        """Proposals per chunk: ``chunk_size`` if set, else sized by the accelerations'
+        :func:`~diffusiondet.modeling.acceleration.proposals_per_chunk` (results do not depend on
+        it beyond float rounding)."""
         bytes_per_proposal = 2 * self.num_params * torch.finfo(dtype).bits // 8
-        if on_cpu:
-            return max(1, auto_chunk_bytes() // bytes_per_proposal)
-        return max(1, min(num_props, self.memory_budget_bytes // bytes_per_proposal))
+        return proposals_per_chunk(
+            num_props,
+            bytes_per_proposal,
+            chunk_size=self.chunk_size,
+            memory_budget_bytes=self.memory_budget_bytes,
+            needs_grad=needs_grad,
+            on_cpu=on_cpu,
+        )
 
     def forward(self, pro_features: torch.Tensor, roi_features: torch.Tensor) -> torch.Tensor:
         """

@@ -6,28 +6,28 @@ D = hidden_dim, L feature levels (p2..p5 by default).
 Boxes are abs xyxy (absolute pixel x1y1x2y2 in the un-padded input image frame).
 """
 import copy
-import functools
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
 
 import torch
-from detectron2.structures import Boxes
 from torch import nn
 
+from ..acceleration import AcceleratedRoIPooling
 from .refinement_stage import ACTIVATIONS, RefinementStage
-from .fixed_shape_pooler import FixedShapeROIPooler, PackedFeatures
-from .threaded_pooler import ThreadedROIPooler
 from .time_embedding import build_time_mlp
 
 __all__ = ["DynamicHead", "xavier_init_matrices"]
 
 
-class DynamicHead(nn.Module):
+class DynamicHead(AcceleratedRoIPooling, nn.Module):
     """Sparse R-CNN-style iterative head conditioned on the diffusion timestep (the "detection
     decoder" of the DiffusionDet paper, arXiv 2211.09788, Sec. 3.2).
 
     State-dict keys are the official ones: ``head_series.{i}.*`` and ``time_mlp.{1,3}.*``; the
-    pooler and box decoder are stateless.
+    pooler and box decoder are stateless. RoI pooling has detectron2's ``ROIPooler`` semantics;
+    how it runs, and the head's other speed options, are the accelerations'
+    (:class:`~diffusiondet.modeling.acceleration.AcceleratedRoIPooling`,
+    :func:`~diffusiondet.modeling.acceleration.set_head_speed_options`).
 
     Extension points (DiffusionInst): ``stage_class`` / ``stage_kwargs`` build the stages from a
     :class:`RefinementStage` subclass whose extra per-proposal outputs are stacked stage-major,
@@ -58,9 +58,6 @@ class DynamicHead(nn.Module):
         deep_supervision: bool = True,
         bbox_weights: Sequence[float] = (2.0, 2.0, 1.0, 1.0),
         scale_clamp: float = math.log(100000.0 / 16),
-        dynamic_chunk_size: int = 0,
-        dynamic_memory_budget_mb: int = 512,
-        pooler_threads: int = 0,
         stage_class: Type[RefinementStage] = RefinementStage,
         stage_kwargs: Optional[Mapping[str, Any]] = None,
     ):
@@ -83,11 +80,6 @@ class DynamicHead(nn.Module):
                 last one only (S = 1).
             bbox_weights: (wx, wy, ww, wh) of detectron2's ``Box2BoxTransform``.
             scale_clamp: max dw/dh before exp (default ln(100000/16)).
-            dynamic_chunk_size: proposals per DynamicConv chunk; 0 = automatic.
-            dynamic_memory_budget_mb: off-CPU, automatic chunks: most MiB of generated parameters
-                per DynamicConv chunk at inference; 0 = unchunked.
-            pooler_threads: threads of the CPU inference RoI pooling (bit-identical output);
-                0 = ``torch.get_num_threads()``, 1 = detectron2's serial ``ROIPooler``.
             stage_class: the refinement stage, :class:`RefinementStage` or a subclass.
             stage_kwargs: extra keyword arguments of ``stage_class`` (beyond the ones above).
         """
@@ -107,17 +99,12 @@ class DynamicHead(nn.Module):
         self.num_logits = num_classes if use_focal else num_classes + 1
         self.hidden_dim = hidden_dim
         self.deep_supervision = deep_supervision
-        self.box_pooler = ThreadedROIPooler(
+        self.init_roi_pooling(
             output_size=pooler_resolution,
-            scales=tuple(pooler_scales),
+            scales=pooler_scales,
             sampling_ratio=sampling_ratio,
             pooler_type=pooler_type,
-            num_threads=pooler_threads,
         )
-        self.pooler_scales, self.sampling_ratio = tuple(pooler_scales), sampling_ratio
-        self.pooler_type = pooler_type
-        self.fixed_shape_pooler: Optional[FixedShapeROIPooler] = None
-        self.fixed_shape_pooling = False
         self.time_mlp = build_time_mlp(hidden_dim)
         stage = stage_class(
             num_logits=self.num_logits,
@@ -133,8 +120,6 @@ class DynamicHead(nn.Module):
             num_dynamic=num_dynamic,
             bbox_weights=bbox_weights,
             scale_clamp=scale_clamp,
-            dynamic_chunk_size=dynamic_chunk_size,
-            dynamic_memory_budget_mb=dynamic_memory_budget_mb,
             **dict(stage_kwargs or {}),
         )
         xavier_init_matrices(self.time_mlp)
@@ -146,64 +131,6 @@ class DynamicHead(nn.Module):
         # Copies of one initialised stage: every stage starts identical, as in the official
         # implementation.
         self.head_series = nn.ModuleList(copy.deepcopy(stage) for _ in range(num_stages))
-
-    def set_speed_options(
-        self,
-        *,
-        dynamic_chunk_size: int,
-        pooler_threads: int,
-        dynamic_memory_budget_mb: Optional[int] = None,
-    ) -> None:
-        """Change the options that trade speed or memory only (outputs do not depend on them).
-
-        Args:
-            dynamic_chunk_size: proposals per DynamicConv chunk; 0 = automatic, a value >= B·N
-                gives the official unchunked layer.
-            pooler_threads: CPU inference pooling threads; 0 = automatic, 1 = serial.
-            dynamic_memory_budget_mb: off-CPU automatic chunks' MiB of generated parameters
-                (0 = unchunked); None leaves it unchanged.
-        """
-        if dynamic_chunk_size < 0 or pooler_threads < 0:
-            raise ValueError(
-                f"dynamic_chunk_size and pooler_threads must be >= 0, got {dynamic_chunk_size}"
-                f" and {pooler_threads}"
-            )
-        budget = dynamic_memory_budget_mb
-        if budget is not None and budget < 0:
-            raise ValueError(f"dynamic_memory_budget_mb must be >= 0, got {budget}")
-        for stage in self.head_series:
-            stage.inst_interact.chunk_size = dynamic_chunk_size
-            if budget is not None:
-                stage.inst_interact.memory_budget_bytes = int(budget * (1 << 20))
-        self.box_pooler.num_threads = pooler_threads
-
-    def use_fixed_shape_pooling(self, enabled: bool) -> None:
-        """Pool with :class:`FixedShapeROIPooler` (no data-dependent shapes, no host syncs; what
-        a fullgraph compile or a CUDA graph needs) instead of detectron2's pooler. Equal within
-        float rounding; the pooler is stateless, so checkpoints are unaffected. Built once, so a
-        compiled step keeps seeing the same module."""
-        if enabled and self.fixed_shape_pooler is None:
-            self.fixed_shape_pooler = FixedShapeROIPooler(
-                output_size=self.box_pooler.output_size,
-                scales=self.pooler_scales,
-                sampling_ratio=self.sampling_ratio,
-                pooler_type=self.pooler_type,
-            )
-        self.fixed_shape_pooling = enabled
-
-    def prepare_features(self, features: List[torch.Tensor]):
-        """What to give :meth:`forward` for many calls on the same features: with fixed-shape
-        pooling the packed levels (packing is then done once, not once per call), else
-        ``features`` itself."""
-        return self.fixed_shape_pooler.pack(features) if self.fixed_shape_pooling else features
-
-    def pool(self, features: List[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        """RoI-pool ``boxes`` (B, N, 4) abs xyxy from ``features`` (L × (B, D, H_l, W_l)).
-
-        Returns:
-            (B·N, D, R, R) in image-major order.
-        """
-        return self.box_pooler(features, [Boxes(image_boxes) for image_boxes in boxes])
 
     def forward(
         self,
@@ -229,7 +156,7 @@ class DynamicHead(nn.Module):
             Outputs that depend on the image only come from :meth:`per_image_outputs`, a
             separate call: they do not change between sampling steps.
         """
-        feature_dtype = (features.table if isinstance(features, PackedFeatures) else features[0]).dtype
+        pool, feature_dtype = self.roi_pooling(features)  # boxes (B, N, 4) -> (B·N, D, R, R)
         boxes = init_boxes.to(torch.promote_types(feature_dtype, torch.float32))
         # One embedding per distinct timestep. At inference all images share t, and a GEMM over
         # B equal rows rounds differently from one over 1 row: this keeps a batch's outputs
@@ -239,14 +166,6 @@ class DynamicHead(nn.Module):
         else:
             unique_t, time_index = torch.unique(t, return_inverse=True)  # (U,), (B,)
             time_emb = self.time_mlp(unique_t)  # (U, 4D), shared by all stages
-        if self.fixed_shape_pooling:
-            # Packed once per call (not per stage), or once per image by prepare_features.
-            packed = features if isinstance(features, PackedFeatures) else self.fixed_shape_pooler.pack(features)
-            pool = functools.partial(self.fixed_shape_pooler, packed)
-        elif isinstance(features, PackedFeatures):
-            raise ValueError("packed features need use_fixed_shape_pooling(True)")
-        else:
-            pool = functools.partial(self.pool, features)
         pro_features = None
         per_stage: List[Dict[str, torch.Tensor]] = []
         for stage in self.head_series:

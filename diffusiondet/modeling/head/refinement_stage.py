@@ -56,8 +56,6 @@ class RefinementStage(nn.Module):
         num_dynamic: int = 2,
         bbox_weights: Sequence[float] = (2.0, 2.0, 1.0, 1.0),
         scale_clamp: float,
-        dynamic_chunk_size: int = 0,
-        dynamic_memory_budget_mb: int = 512,
     ):
         """
         Args:
@@ -72,9 +70,6 @@ class RefinementStage(nn.Module):
             dim_dynamic / num_dynamic: DynamicConv sizes (see :class:`DynamicConv`).
             bbox_weights: (wx, wy, ww, wh) delta weights for box decoding.
             scale_clamp: upper clamp of dw/dh before exp.
-            dynamic_chunk_size: proposals per DynamicConv chunk (0 = automatic).
-            dynamic_memory_budget_mb: off-CPU inference, automatic chunks: most MiB of generated
-                parameters per DynamicConv chunk (0 = unchunked).
         """
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -85,8 +80,6 @@ class RefinementStage(nn.Module):
             dim_dynamic=dim_dynamic,
             pooler_resolution=pooler_resolution,
             num_dynamic=num_dynamic,
-            chunk_size=dynamic_chunk_size,
-            memory_budget_bytes=int(dynamic_memory_budget_mb * (1 << 20)),
         )
         self.activation = ACTIVATIONS[activation]
         ffn_out = dim_feedforward // 2 if activation == "glu" else dim_feedforward

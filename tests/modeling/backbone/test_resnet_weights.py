@@ -57,7 +57,8 @@ def torchvision_resnet(depth, seed=0):
 def tiny_model(*opts):
     """DiffusionDet from the official ResNet-101 config with the tiny head, on CPU, in eval mode."""
     # The converter is checked against detectron2's own BN computation: FOLD_FROZEN_BN's
-    # folded products round differently (its own test is test_frozen_bn_folding.py).
+    # folded products round differently (its own test is
+    # tests/modeling/acceleration/test_frozen_bn_folding.py).
     fold = ["MODEL.DiffusionDet.FOLD_FROZEN_BN", False]
     cfg = build_config(RES101_CONFIG, [*TINY_OPTS, *RES101_OPTS, *fold, *opts])
     return build_model(cfg).eval()

@@ -6,7 +6,7 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
-from diffusiondet.modeling.backbone.frozen_bn_folding import (
+from diffusiondet.modeling.acceleration.frozen_bn_folding import (
     FoldedFrozenBNConv2d,
     fold_frozen_batchnorm_at_inference,
 )

@@ -13,45 +13,25 @@ but no FLOPs, so they show up in the ratio. ``tests/test_roofline.py`` checks th
 Shape legend: B images, N boxes per image, M = B·N proposals, D = hidden_dim, DD = dim_dynamic,
 P = pooler_resolution² RoI bins, U distinct timesteps in one call (1 at inference).
 """
-import statistics
-import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cpu_info import describe_cpu
+from diffusiondet.modeling.acceleration import pooling_for_sampling
+from diffusiondet.tooling.bench_timing import best_of, measure
+from diffusiondet.utils.cpu_info import describe_cpu
 
 __all__ = [
     "backbone_roofline", "count_flops", "describe_device", "format_roofline", "gemm_peak_gflops",
-    "head_flops", "head_roofline", "random_boxes", "report", "roofline_row", "run", "synchronize",
-    "timed",
+    "head_flops", "head_roofline", "random_boxes", "report", "roofline_row", "run",
 ]  # fmt: skip
 
 # Linears of a stage that head_flops counts under their own component; every other Linear of
 # the stage (towers, logits, box deltas, a subclass's extra layers) goes to "towers".
 _OWN_COMPONENT = ("inst_interact.", "linear1", "linear2", "block_time_mlp.", "self_attn.")
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device: CUDA kernels run asynchronously, so a timer must wait for them."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> List[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after one untimed warm-up (allocator, kernel plans)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def gemm_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 3) -> float:
@@ -63,7 +43,7 @@ def gemm_peak_gflops(device: torch.device, n: int = 2048, repeats: int = 3) -> f
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device)
     b = torch.randn(n, n, generator=g).to(device)
-    return 2 * n**3 / min(timed(lambda: torch.mm(a, b), device, repeats)) / 1e9
+    return 2 * n**3 / best_of(lambda: torch.mm(a, b), device, repeats) / 1e9
 
 
 def count_flops(fn: Callable[[], object]) -> float:
@@ -131,26 +111,23 @@ def random_boxes(batch: int, num_boxes: int, height: int, width: int, device) ->
 
 def head_roofline(model, features: Sequence[torch.Tensor], image_hw, num_boxes: int,
                   peak_gflops: float, repeats: int = 3) -> Dict:  # fmt: skip
-    """Median time of ``model.head`` alone (one call, one shared timestep) on ``features``."""
+    """Mean time of ``model.head`` alone (one call, one shared timestep, pooling as at
+    inference, the features' packing included) on ``features``."""
     batch = features[0].shape[0]
     boxes = random_boxes(batch, num_boxes, *image_hw, device=features[0].device)
     t = torch.full((batch,), 999, dtype=torch.long, device=boxes.device)
-    model.head.use_fixed_shape_pooling(model.pools_with_fixed_shapes())  # as inference does
-    try:
-        with torch.no_grad():
-            times = timed(lambda: model.head(list(features), boxes, t), boxes.device, repeats)
-    finally:
-        model.head.use_fixed_shape_pooling(False)
+    with pooling_for_sampling(model, list(features)), torch.no_grad():
+        seconds = measure(lambda: model.head(list(features), boxes, t), boxes.device, repeats).mean
     flops = head_flops(model.head, num_boxes, batch)["total"]
-    row = roofline_row(f"head N={num_boxes} B={batch}", flops, statistics.median(times), peak_gflops)
+    row = roofline_row(f"head N={num_boxes} B={batch}", flops, seconds, peak_gflops)
     return dict(row, boxes=num_boxes, batch=batch)
 
 
 def backbone_roofline(model, images: torch.Tensor, peak_gflops: float, repeats: int = 3) -> Dict:
-    """Counted FLOPs and median time of ``model.backbone`` on a (B, 3, H, W) normalised batch."""
+    """Counted FLOPs and mean time of ``model.backbone`` on a (B, 3, H, W) normalised batch."""
     flops = count_flops(lambda: model.backbone(images))
     with torch.no_grad():
-        seconds = statistics.median(timed(lambda: model.backbone(images), images.device, repeats))
+        seconds = measure(lambda: model.backbone(images), images.device, repeats).mean
     name = f"backbone {images.shape[-2]}x{images.shape[-1]} B={images.shape[0]}"
     return roofline_row(name, flops, seconds, peak_gflops)
 

@@ -4,7 +4,7 @@ A detectron2 ``Conv2d`` with a ``FrozenBatchNorm2d`` computes ``bn(conv(x, W))``
 + (β − μ·s)`` with ``s = γ / √(σ² + ε)``. Folding skips one elementwise pass over every activation
 of the backbone, and running the convolutions on channels-last tensors spares oneDNN a layout
 reorder per convolution. On the 2-core Xeon (R-50, 800×1216): 2.94 s -> 1.74 s
-(``tools/profile_speed.py backbone``); outputs equal up to 7.2e-6 of each level's maximum
+(``tools/dev/profile_speed.py backbone``); outputs equal up to 7.2e-6 of each level's maximum
 (rounding of the folded product).
 
 The folding is recomputed at every call from the current parameters (a few ms for R-50), so

@@ -19,7 +19,7 @@ from detectron2.structures import Boxes
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from diffusiondet.modeling.head.fixed_shape_pooler import (
+from diffusiondet.modeling.acceleration.fixed_shape_pooler import (
     FixedShapeROIPooler,
     PackedFeatures,
     weighted_gather,
@@ -151,7 +151,7 @@ def test_packed_features_equal_list_path():
 @pytest.mark.numerics
 @pytest.mark.parametrize("fused", [True, False])
 def test_feature_gradients_match_and_boxes_get_none(fused, monkeypatch):
-    import diffusiondet.modeling.head.fixed_shape_pooler as module
+    import diffusiondet.modeling.acceleration.fixed_shape_pooler as module
 
     # Both kernels: the fused embedding_bag (CPU) and the per-tap gather (every other device).
     kernel = lambda t, i, w: weighted_gather(t, i, w, fused)  # noqa: E731
