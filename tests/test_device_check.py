@@ -48,8 +48,8 @@ def test_script_syntax():
 def test_without_cuda_the_script_fails_loudly_and_quickly(tmp_path):
     # An empty CUDA_VISIBLE_DEVICES hides any GPU, so this holds on a CUDA machine too.
     rc, out, err, seconds = _run_script(tmp_path, CUDA_VISIBLE_DEVICES="")
+    # Quickly: _run_script fails the test if the script is still running after its timeout.
     assert rc != 0 and "device_check: no CUDA device" in err, (rc, out, err)
-    assert seconds < 20
     assert "device_check: no CUDA device" in (tmp_path / "out" / "device_check.log").read_text()
     assert "== " not in out  # no step started
 

@@ -7,6 +7,7 @@ float rounding, the results; it only decides how much of that stays in cache (CP
 """
 import functools
 import glob
+import os
 
 import torch
 
@@ -32,24 +33,34 @@ _MIN_CHUNK_BYTES = 4 << 20
 DEFAULT_MEMORY_BUDGET_BYTES = 512 << 20
 
 
+# Where Linux describes the caches that CPU 0 sees, one index*/size file per cache.
+SYSFS_CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
+
+
 # A constant to torch.compile: the step of the graph sampler is traced with fullgraph=True, and
 # reading sysfs is not traceable.
 @functools.lru_cache(maxsize=1)
 @torch.compiler.assume_constant_result
-def last_level_cache_bytes() -> int:
-    """Size of the CPU's largest cache (Linux sysfs), or 0 when it cannot be read."""
+def last_level_cache_bytes(cache_dir: str = SYSFS_CACHE_DIR) -> int:
+    """Size of the CPU's largest cache (Linux sysfs ``cache_dir``), or 0 when it cannot be read."""
     sizes = []
-    for size_file in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+    for size_file in glob.glob(os.path.join(glob.escape(cache_dir), "index*", "size")):
         try:
             with open(size_file) as f:
-                text = f.read().strip().upper()
+                size = parse_cache_size(f.read())
         except OSError:
             continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        digits = text.rstrip("KMG")
-        if digits.isdigit():
-            sizes.append(int(digits) * scale)
+        if size:
+            sizes.append(size)
     return max(sizes, default=0)
+
+
+def parse_cache_size(text: str) -> int:
+    """Bytes of a sysfs cache ``size`` text ("32K", "32768K", "2M"); 0 if it is not one."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    digits = text.rstrip("KMG")
+    return int(digits) * scale if digits.isdigit() else 0
 
 
 def auto_chunk_bytes() -> int:
