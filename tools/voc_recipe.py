@@ -10,7 +10,8 @@
    or resumes an unfinished run (skipped when ``model_final.pth`` exists, unless ``--retrain``);
 3. ``tools/sweep.py`` evaluates the final weights at every ``--steps`` x ``--boxes`` x ``--seeds``
    and writes its tables and plots to ``<output-dir>/sweep``.
-``--opts KEY VALUE ...`` (last on the line) overrides the config in training and evaluation.
+``--opts KEY VALUE ...`` (last on the line) overrides the config in training and evaluation (the
+sweep always evaluates the weights just trained).
 """
 import argparse
 import os
@@ -72,8 +73,8 @@ def main(argv=None) -> int:
         subprocess.run(cmd, check=True)
     cmd = [sys.executable, os.path.join(TOOLS, "sweep.py"), "--config-file", args.config_file,
            "--steps", *args.steps, "--boxes", *args.boxes, "--seeds", *args.seeds,
-           "--output-dir", os.path.join(out, "sweep"), *data, *SIZES, "MODEL.WEIGHTS", final,
-           *args.opts]  # fmt: skip
+           "--output-dir", os.path.join(out, "sweep"), *data, *SIZES, *args.opts,
+           "MODEL.WEIGHTS", final]  # the weights just trained, whatever --opts set for training  # fmt: skip
     print("[voc_recipe] sweep:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return 0
