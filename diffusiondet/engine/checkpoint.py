@@ -10,7 +10,6 @@ any code. Here loading is safe by default (see :func:`load_pickle_weights` and `
 import contextlib
 import glob
 import logging
-import math
 import os
 import pickle
 import re
@@ -86,8 +85,6 @@ def load_pickle_weights(path: str, trust_code: bool = False):
 def check_finite_state(state: dict, what: str) -> None:
     """Raise CheckpointError when a floating tensor of ``state`` holds a NaN or an infinity,
     naming ``what`` (the file) and the first tensors with their count of non-finite values."""
-    import torch
-
     bad = []
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -276,10 +273,10 @@ class DiffusionDetCheckpointer(DetectionCheckpointer):
     def _check_fit(self, incompatible, checkpoint_state: dict) -> None:
         path = self._loading or "checkpoint"
         model_state = self.model.state_dict()
-        # A flipped byte or a diverged run gives NaN/inf weights that load "successfully" and only
-        # fail at inference (detectron2's "Box tensor contains infinite or NaN" assertion).
         missing = set(incompatible.missing_keys)
         loaded = [k for k in model_state if k not in missing]
+        # A flipped byte or a diverged run gives NaN/inf weights that load "successfully" and only
+        # fail at inference (detectron2's "Box tensor contains infinite or NaN" assertion).
         check_finite_state({k: model_state[k] for k in loaded}, path)
         wrong_shape = [s for s in incompatible.incorrect_shapes if not _is_class_layer(s[0])]
         if wrong_shape or not loaded:

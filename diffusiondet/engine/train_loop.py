@@ -83,18 +83,17 @@ class SkipNonFiniteTrainer(SimpleTrainer):
         ranks = ranks_with_nonfinite(not bool(torch.isfinite(grad_norm)), losses.device)
         if ranks:
             self.optimizer.zero_grad()  # the NaN gradients must not reach the optimizer state
-            self._skip({"gradient norm": grad_norm.detach()}, ranks, what="gradient")
+            self._skip({"gradient norm": grad_norm.detach()}, ranks, kind="gradient")
             return
         self._nonfinite_in_a_row = 0
         self._write_metrics(loss_dict, data_time)
         get_event_storage().put_scalar("nonfinite_steps", self.nonfinite_steps, smoothing_hint=False)
         self.optimizer.step()
 
-    def _skip(self, bad, ranks, what="loss"):
+    def _skip(self, bad, ranks, kind="loss"):
         self.nonfinite_steps += 1
         self._nonfinite_in_a_row += 1
         get_event_storage().put_scalar("nonfinite_steps", self.nonfinite_steps, smoothing_hint=False)
-        kind = what
         what = ", ".join(f"{k}={v.float().mean().item()}" for k, v in bad.items()) or "on another rank"
         where = f" on {ranks} of {comm.get_world_size()} ranks" if comm.get_world_size() > 1 else ""
         if self._nonfinite_in_a_row > self.max_nonfinite_steps:

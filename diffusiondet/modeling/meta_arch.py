@@ -36,7 +36,7 @@ from . import builders
 from .acceleration import SpeedOptions, accelerate
 from .criterion import SetCriterion
 from .head import DynamicHead
-from .inference import DiffusionInference, ImageContext, to_fp32  # noqa: F401  (re-exported)
+from .inference import DiffusionInference, ImageContext
 from .sampler import DDIMBoxSampler
 
 __all__ = ["DiffusionDet", "INFERENCE_AMP_DTYPES", "ImageContext"]

@@ -2,7 +2,6 @@
 points, file_names leaving the image folder, images whose resize gives a zero side."""
 import json
 import logging
-import os
 
 import numpy as np
 import pycocotools.mask as mask_util

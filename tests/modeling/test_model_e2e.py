@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from diffusiondet.diffusion import TorchRandom
-from diffusiondet.modeling.meta_arch import to_fp32
+from diffusiondet.modeling.inference import to_fp32
 from tests.utils import random_input, tiny_cfg
 
 
