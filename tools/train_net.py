@@ -4,7 +4,10 @@
     python tools/train_net.py --config-file configs/diffdet.coco.res50.yaml --num-gpus 8
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model.pth --steps 4 --boxes 1000
 """
+import sys
 from datetime import timedelta
+
+from torch.multiprocessing import ProcessExitedException
 
 from detectron2.engine import default_setup, launch
 from detectron2.evaluation import verify_results
@@ -12,6 +15,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from diffusiondet.engine import DiffusionDetCheckpointer, Trainer, argument_parser, load_model_weights
+from diffusiondet.engine.stop_signal import forward_stop_signals
 from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
 
 
@@ -45,15 +49,24 @@ def main(args):
 def invoke_main():
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        timeout=timedelta(minutes=args.dist_timeout),
-    )
+    if args.num_gpus > 1:
+        # SIGTERM to this launcher reaches every rank: they checkpoint and exit with 128 + 15.
+        forward_stop_signals()
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            timeout=timedelta(minutes=args.dist_timeout),
+        )
+    except ProcessExitedException as stopped:
+        if stopped.exit_code is None or stopped.exit_code <= 128:
+            raise
+        # A rank stopped on a signal after its checkpoint (it logged which); no traceback here.
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ..evaluation.lvis_compat import ensure_lvis_numpy_compat
 from .checkpoint import DiffusionDetCheckpointer
 from .output_check import check_writable_dir
 from .optimizer import build_optimizer
+from .stop_signal import StopOnSignal, stop_signals_abort
 from .train_loop import SkipNonFiniteTrainer
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ class Trainer(DefaultTrainer):
             # so that every rank enters the collectives in the same order.
             at = next((i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook)), len(hook_list))
             hook_list.insert(at, hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        # Every rank, after the checkpointer and before the evaluation hook (the same order of
+        # collectives everywhere): SIGTERM -> checkpoint and stop (stop_signal.py).
+        at = next((i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook)), len(hook_list))
+        hook_list.insert(at, StopOnSignal(self.checkpointer))
         return hook_list
 
     def run_state(self) -> dict:
@@ -152,7 +157,9 @@ class Trainer(DefaultTrainer):
     def test(cls, cfg, model, evaluators=None):
         # An evaluation during training must not shift the training's random draws: the run
         # would then depend on EVAL_PERIOD, and a resumed run on where it was interrupted.
-        with preserved_rng_state():
+        # A stand-alone evaluation stopped by SIGTERM says that its results are lost; inside
+        # training, StopOnSignal's handler stays and the run stops after this evaluation.
+        with preserved_rng_state(), stop_signals_abort(f"the evaluation on {tuple(cfg.DATASETS.TEST)}"):
             return super().test(cfg, model, evaluators)
 
     @classmethod
