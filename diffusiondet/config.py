@@ -171,6 +171,8 @@ def add_diffusiondet_config(cfg):
     # Accept image file_names that are absolute or contain ".." (they read files outside the
     # DATASETS.CUSTOM / registered image folder); False: such a json is an error naming the image.
     cfg.DATASETS.ALLOW_OUTSIDE_IMAGE_ROOT = False
+    # (name, factor > 0): DATASETS.TRAIN sets weighted by WeightedTrainingSampler (read, not declared, by detectron2).
+    cfg.DATASETS.TRAIN_REPEAT_FACTOR = ()
 
     # Images per batch in evaluation loaders (inference is batch-safe; detectron2 uses 1).
     cfg.TEST.IMS_PER_BATCH = 1
@@ -254,6 +256,28 @@ def _inference_memory_error(cfg):
         f" above MODEL.DiffusionDet.MAX_INFERENCE_MEMORY_MB = {d.MAX_INFERENCE_MEMORY_MB}: use fewer boxes,"
         " or raise the budget (0 = no check) if the machine has the memory"
     )
+
+
+def _train_repeat_factor_errors(cfg):
+    """DATASETS.TRAIN_REPEAT_FACTOR: (name, factor > 0) pairs naming training sets (detectron2
+    only asserts, after loading every dataset). DATASETS.CUSTOM's set is named custom_train."""
+    train = set(cfg.DATASETS.TRAIN) | ({"custom_train"} if cfg.DATASETS.CUSTOM.TRAIN_JSON else set())
+    errors = []
+    for pair in cfg.DATASETS.TRAIN_REPEAT_FACTOR:
+        if not (
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)
+            and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and pair[1] > 0
+        ):
+            errors.append(f"DATASETS.TRAIN_REPEAT_FACTOR entries must be (dataset name, factor > 0) pairs, got {pair!r}")
+        elif pair[0] not in train:
+            errors.append(
+                f"DATASETS.TRAIN_REPEAT_FACTOR names {pair[0]!r}, which is not in DATASETS.TRAIN"
+                f" {tuple(cfg.DATASETS.TRAIN)}"
+            )
+    names = [p[0] for p in cfg.DATASETS.TRAIN_REPEAT_FACTOR if isinstance(p, (list, tuple)) and p]
+    if len(names) != len(set(names)):
+        errors.append(f"DATASETS.TRAIN_REPEAT_FACTOR names a dataset twice: {names}")
+    return errors
 
 
 def validate_diffusiondet_config(cfg):
@@ -416,6 +440,7 @@ def validate_diffusiondet_config(cfg):
         ),
     ]
     errors = [msg for ok, msg in checks if not ok] + backbone_config_errors(cfg)
+    errors += _train_repeat_factor_errors(cfg)
     memory = _inference_memory_error(cfg)  # after the checks of the values it reads
     if memory:
         errors.append(memory)

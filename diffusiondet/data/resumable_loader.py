@@ -4,8 +4,9 @@ detectron2's training loader draws each image's augmentation from its worker's R
 aspect-ratio buckets with whichever image a worker returns first, so its position cannot be
 saved: a run resumed from a checkpoint sees other images with other augmentations. Here:
 
-* the index stream is detectron2's training sampler (``TrainingSampler``, repeat-factor, ...),
-  a pure function of its seed, sharded by rank;
+* the index stream is detectron2's training sampler (``TrainingSampler``, or the
+  ``RepeatFactorTrainingSampler`` of the repeat-factor and weighted samplers), rebuilt on the
+  run's seed so that it is a pure function of it, sharded by rank;
 * :class:`SeededBatchSampler` forms batches from that stream in the main process, grouping by
   the records' aspect ratio (width > height or not, as detectron2 groups the mapped images), so
   batch b is known without loading an image, and ``start_batch`` skips ahead by index
@@ -23,7 +24,7 @@ import torch
 from detectron2.data import build_detection_train_loader
 from detectron2.data.build import trivial_batch_collator
 from detectron2.data.common import DatasetFromList
-from detectron2.data.samplers import TrainingSampler
+from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.utils import comm
 
 from ..utils.rng_state import mixed_seed, seeded_rngs
@@ -122,6 +123,13 @@ def build_resumable_train_loader(cfg, mapper: Callable, seed: int) -> torch.util
         raise ValueError("the resumable training loader needs a map-style dataset (a list of records)")
     if type(sampler) is TrainingSampler:  # its own seed would come from numpy's global generator
         sampler = TrainingSampler(len(dataset), shuffle=True, seed=seed)
+    elif type(sampler) is RepeatFactorTrainingSampler:
+        # WeightedTrainingSampler (DATASETS.TRAIN_REPEAT_FACTOR) builds it without a seed, and
+        # RepeatFactorTrainingSampler with cfg.SEED (-1 by default): rebuilt on the run's seed,
+        # same repeat factors, so mixed real + generated training resumes exactly too.
+        sampler = RepeatFactorTrainingSampler(
+            sampler._int_part + sampler._frac_part, shuffle=sampler._shuffle, seed=seed
+        )
     world = comm.get_world_size()
     if args["total_batch_size"] % world:
         raise ValueError(

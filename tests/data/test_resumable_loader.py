@@ -130,3 +130,52 @@ def test_loader_is_the_same_with_workers_and_resumes_at_a_position(tiny_cfg_data
     assert set_loader_position(resumed, 4)
     assert _same(main_process[4:], _batches(resumed, 2))
     assert not set_loader_position(torch.utils.data.DataLoader([1, 2]), 4)  # not a resumable loader
+
+
+@pytest.fixture(scope="module")
+def two_train_sets(tmp_path_factory):
+    """Two registered training sets of 5 and 4 images (the second one stands for a generated set)."""
+    root = str(tmp_path_factory.mktemp("weighted"))
+    for name, split, count in (("weighted_real", "train", 5), ("weighted_extra", "extra", 4)):
+        json_file = generate_synthetic_crowd(root, split=split, num_images=count, image_size=(48, 72),
+                                             min_objects=1, max_objects=4, seed=2)  # fmt: skip
+        register_coco_json(name, json_file, f"{root}/{split}")
+    return ("weighted_real", "weighted_extra")
+
+
+def _weighted_cfg(train, *opts):
+    return tiny_cfg("DATASETS.TRAIN", train, "MODEL.DiffusionDet.NUM_CLASSES", 5,
+                    "DATALOADER.SAMPLER_TRAIN", "WeightedTrainingSampler", *opts)  # fmt: skip
+
+
+def test_train_repeat_factor_must_be_pairs_naming_training_sets(two_train_sets):
+    cfg = _weighted_cfg(two_train_sets, "DATASETS.TRAIN_REPEAT_FACTOR", (("weighted_extra", 2.5),))
+    assert cfg.DATASETS.TRAIN_REPEAT_FACTOR == (("weighted_extra", 2.5),)
+    bad = {
+        (("weighted_other", 2.0),): "names 'weighted_other', which is not in DATASETS.TRAIN",
+        (("weighted_extra", 0.0),): "must be \\(dataset name, factor > 0\\) pairs",
+        (("weighted_extra",),): "must be \\(dataset name, factor > 0\\) pairs",
+        (("weighted_extra", 2.0), ("weighted_extra", 3.0)): "names a dataset twice",
+    }
+    for value, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            _weighted_cfg(two_train_sets, "DATASETS.TRAIN_REPEAT_FACTOR", value)
+
+
+def _index_stream(cfg, seed, count=120):
+    loader = build_resumable_train_loader(cfg, DiffusionDetDatasetMapper(cfg, is_train=True), seed=seed)
+    return list(itertools.islice(iter(loader.batch_sampler.sampler), count))
+
+
+def test_weighted_sampler_follows_the_run_seed_and_the_repeat_factors(two_train_sets):
+    # DATASETS.TRAIN_REPEAT_FACTOR: the second set (indices 5..8) is drawn 3 times as often.
+    cfg = _weighted_cfg(two_train_sets, "DATASETS.TRAIN_REPEAT_FACTOR", (("weighted_extra", 3.0),))
+    np.random.seed(0)
+    stream = _index_stream(cfg, seed=17)
+    np.random.seed(1)  # detectron2 would seed the sampler from numpy's global generator
+    assert _index_stream(cfg, seed=17) == stream
+    assert _index_stream(cfg, seed=18) != stream
+    extra = sum(i >= 5 for i in stream) / len(stream)
+    assert extra == pytest.approx(12 / 17, abs=0.08)  # 4 * 3 of 5 + 4 * 3 draws per epoch
+    plain = _index_stream(_weighted_cfg(two_train_sets), seed=17)  # factor 1 for both
+    assert sum(i >= 5 for i in plain) / len(plain) == pytest.approx(4 / 9, abs=0.08)
