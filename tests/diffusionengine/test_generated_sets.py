@@ -34,8 +34,8 @@ def real_and_generated(tmp_path_factory):
 
 
 def _cfg(*opts):
-    return build_config("configs/diffdet.synthetic.res18.yaml",
-                        TINY_OPTS + ["DATASETS.TRAIN", (REAL,), "MODEL.DiffusionDet.NUM_CLASSES", 5, *opts])  # fmt: skip
+    opts = ["DATASETS.TRAIN", (REAL,), "MODEL.DiffusionDet.NUM_CLASSES", 5, *opts]
+    return build_config("configs/diffdet.synthetic.res18.yaml", TINY_OPTS + opts)
 
 
 def test_generated_folders_are_appended_to_the_real_training_set(real_and_generated):
