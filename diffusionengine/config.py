@@ -1,4 +1,4 @@
-"""Config keys of DiffusionEngine (arXiv 2309.03893), on top of DiffusionDet's and DiffusionInst's.
+"""Config keys of DiffusionEngine (arXiv 2309.03893), on top of DiffusionDet's.
 
 ``MODEL.DiffusionEngine`` holds the frozen Stable Diffusion backbone's keys and the labelling
 rules of the data engine; ``DATASETS.GENERATED`` the generated training sets. The detector
@@ -14,7 +14,7 @@ import os
 
 from detectron2.config import CfgNode as CN
 
-from diffusioninst.config import build_config as build_diffusioninst_config
+from diffusiondet.config import build_config as build_diffusiondet_config
 from diffusiondet.config_extensions import register_config_extension
 
 from .taps import feature_strides
@@ -183,13 +183,15 @@ register_config_extension(
 
 
 def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=(), trust_config=None):
-    """``diffusioninst.build_config`` with the DiffusionEngine extension: builds DiffusionDet,
-    DiffusionInst and DiffusionEngine configs alike (unused keys are ignored).
+    """``diffusiondet.config.build_config`` with the DiffusionEngine extension: builds DiffusionDet
+    and DiffusionEngine configs alike (the SD keys are unused by DiffusionDet). DiffusionInst's
+    extension is not included: its check that MASK_IN_FEATURES (p2..p4) are pooled levels runs
+    for every meta-architecture, and the SD backbone has no p2.
 
     ``extensions`` names further extensions, applied after DiffusionEngine's; the other
     arguments as in ``diffusiondet.config.build_config``.
     """
-    return build_diffusioninst_config(
+    return build_diffusiondet_config(
         config_file,
         opts,
         steps=steps,

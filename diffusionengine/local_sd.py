@@ -145,7 +145,11 @@ def load_local_sd(path: str, *, torch_dtype: torch.dtype = torch.float32) -> SDC
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        common = {"local_files_only": True, "use_safetensors": True, "torch_dtype": torch_dtype}
+        # low_cpu_mem_usage=False: the same loading, without diffusers asking for `accelerate`.
+        common = {
+            "local_files_only": True, "use_safetensors": True, "torch_dtype": torch_dtype,
+            "low_cpu_mem_usage": False,
+        }  # fmt: skip
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
         text_encoder = CLIPTextModel.from_pretrained(
