@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
+from detectron2.modeling import build_backbone, build_model
 
 from diffusiondet.engine import build_optimizer
 from diffusionengine import build_config
@@ -146,6 +146,37 @@ def test_diffusion_model_is_frozen_outside_the_module_and_moves_with_it(sd):
     finally:
         bb.float()
     assert {p.dtype for p in frozen} == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    "key, values",
+    [
+        ("MODEL.DiffusionEngine.TIMESTEP", (1, 500)),
+        ("MODEL.DiffusionEngine.PROMPT", ("", "a photo of a dog")),
+        ("SEED", (1, 2)),
+    ],
+)
+def test_config_keys_change_the_features(tiny_sd1_path, key, values):
+    x = torch.stack(images((64, 96), (64, 96), seed=6))
+    feats = []
+    for value in values:
+        cfg = build_config(BASE, ["MODEL.DiffusionEngine.SD_PATH", tiny_sd1_path, *TINY_MODEL, key, value])
+        torch.manual_seed(0)  # the same mapper init: only the key differs
+        feats.append(build_backbone(cfg)(x)["p3"])
+    assert not torch.allclose(feats[0], feats[1], atol=1e-4), key
+
+
+def test_config_keys_choose_the_model_and_the_levels(tiny_sd1_path, tiny_sd2_path):
+    def build(*opts):
+        cfg = build_config(BASE, [*TINY_MODEL, *opts])
+        return build_backbone(cfg)
+
+    sd1 = build("MODEL.DiffusionEngine.SD_PATH", tiny_sd1_path)
+    sd2 = build("MODEL.DiffusionEngine.SD_PATH", tiny_sd2_path)
+    assert sd1.components.path == tiny_sd1_path and not sd1.components.unet.config.use_linear_projection
+    assert sd2.components.path == tiny_sd2_path and sd2.components.unet.config.use_linear_projection
+    no_extra = build("MODEL.DiffusionEngine.SD_PATH", tiny_sd1_path, "MODEL.DiffusionEngine.EXTRA_LEVELS", 0)
+    assert list(no_extra.output_shape()) == ["p3", "p4", "p5", "p6"] and list(sd1.output_shape())[-1] == "p7"
 
 
 def _model(sd_path, *opts):

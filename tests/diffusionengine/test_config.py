@@ -154,5 +154,11 @@ def test_importing_diffusionengine_loads_neither_diffusers_nor_the_model():
         assert config_extension('diffusionengine').registers == ('diffusionengine.modeling',)
         assert diffusionengine.tap_channels({'block_out_channels': [32, 64, 64, 64]})[8] == 192
         assert 'diffusers' not in sys.modules  # the taps need torch only
+        try:
+            diffusionengine.no_such_name
+        except AttributeError:
+            pass
+        else:
+            raise AssertionError("unknown attributes must raise AttributeError")
         """
     )

@@ -1,6 +1,7 @@
 """load_local_sd: local diffusers folders only, safetensors only, one clear error otherwise."""
 import os
 import shutil
+import socket
 
 import pytest
 import torch
@@ -59,6 +60,15 @@ def test_offline_switches_are_restored(tiny_sd1_path, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
     load_local_sd(tiny_sd1_path)
     assert "HF_HUB_OFFLINE" not in os.environ and os.environ["TRANSFORMERS_OFFLINE"] == "0"
+
+
+def test_the_network_is_unreachable_in_these_tests():
+    # The guard of conftest.py: a loader that tried the hub would fail here, not download.
+    with pytest.raises(OSError, match="network access attempted"):
+        socket.create_connection(("huggingface.co", 443), timeout=1)
+    with socket.socket() as s, pytest.raises(OSError, match="network access attempted"):
+        s.connect(("127.0.0.1", 9))
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
 
 
 @pytest.mark.parametrize("path", ["stabilityai/stable-diffusion-2-base", "/no/such/sd/folder"])
