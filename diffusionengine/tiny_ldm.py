@@ -61,12 +61,12 @@ class TinyLDMConfig:
     """Everything a run depends on (stored in the checkpoint; a resume must match it)."""
 
     vae_steps: int = 600  # stage 1 optimizer steps
-    unet_steps: int = 2000  # stage 2 optimizer steps
+    unet_steps: int = 1500  # stage 2 optimizer steps
     batch_size: int = 16  # images per step of both stages
     seed: int = 0  # initial weights (tiny_sd_components) and every draw of the run
     size: int = 160  # training images are size x size pixels (latent size/8)
     vae_crop: int = 64  # stage 1 trains on random crops of this many pixels (multiple of 8)
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     unet_lr: float = 1e-3
     warmup: int = 50  # linear warm-up steps, then cosine decay to 10% of the lr
     kl_weight: float = 1e-4  # KL(posterior || N(0, I)) per latent element; small, as in LDM
