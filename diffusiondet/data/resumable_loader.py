@@ -18,6 +18,7 @@ The loader's state is therefore one number, the batches consumed; the trainer st
 checkpoints (``docs/reproducibility.md``).
 """
 import logging
+import signal
 from typing import Callable, Iterator, List, Sequence, Tuple
 
 import torch
@@ -146,7 +147,20 @@ def build_resumable_train_loader(cfg, mapper: Callable, seed: int) -> torch.util
         # The loader draws its workers' base seed from this generator, not from torch's global
         # one, whose state the checkpoint restores.
         generator=torch.Generator().manual_seed(seed % 2**63),
+        worker_init_fn=_ignore_sigterm,
     )
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """A loader worker ignores its first SIGTERM. A scheduler signals every process of the job,
+    and torch's worker handler would end the worker under the running step, failing its rank
+    before the rank writes its stop checkpoint (diffusiondet/engine/stop_signal.py); the rank
+    then shuts its workers down itself. A second SIGTERM (the rank's own shutdown) ends it."""
+
+    def first(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, first)
 
 
 def set_loader_position(data_loader, batches: int) -> bool:

@@ -108,6 +108,13 @@ class StopOnSignal(HookBase):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+        # On every way out (end, stop, error): the loader workers ignore a first SIGTERM
+        # (diffusiondet/data/resumable_loader.py), so they are shut down here, through
+        # detectron2's public reset, rather than left to the interpreter's exit.
+        step = getattr(self.trainer, "_trainer", None)
+        if hasattr(step, "reset_data_loader"):
+            loader = step.data_loader
+            step.reset_data_loader(lambda: loader)
 
     def after_step(self):
         if comm.get_world_size() > 1:  # NCCL reduces on the GPU: the device of the weights

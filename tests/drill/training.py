@@ -155,6 +155,44 @@ def sigkill_then_resume(workdir):
             f"{MAX_ITER}; final weights equal to the uninterrupted run's, all {len(reference)} tensors")
 
 
+def sigterm_then_resume(workdir):
+    """SIGTERM to the whole process group mid-run (a scheduler's warning before the kill): the
+    job checkpoints at the iteration it is in, exits 143 without a traceback, and resumes exactly."""
+    opts = tiny_opts(workdir, "stopped", 40, 100, "DATALOADER.NUM_WORKERS", 1)
+    out = os.path.join(workdir, "stopped")
+    log_path = os.path.join(workdir, "stopped.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, TRAIN_NET, "--config-file", CONFIG, *opts],
+                                cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            with open(log_path) as f:
+                if "Starting training from iteration 0" in f.read():
+                    break
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the run (40 iterations take seconds)
+        os.killpg(proc.pid, signal.SIGTERM)  # the job and its loader worker, as a scheduler does
+        proc.wait(timeout=120)
+    with open(log_path) as f:
+        log = f.read()
+    check(proc.returncode == 128 + signal.SIGTERM, f"rc {proc.returncode}, not 143: {log[-300:]}")
+    check("Traceback" not in log, f"a traceback on SIGTERM: {log[log.find('Traceback'):][:300]}")
+    check(not os.path.exists(os.path.join(out, "model_final.pth")), "the stopped run finished anyway")
+    stopped_at = _last(out)  # no periodic checkpoint (period 100): this file is the stop's
+    resumed = train_net(workdir, "--resume", *opts)
+    check(resumed.returncode == 0, f"--resume failed: {resumed.stderr[-300:]}")
+    straight = train_net(workdir, *tiny_opts(workdir, "straight", 40, 100, "DATALOADER.NUM_WORKERS", 1))
+    check(straight.returncode == 0, f"uninterrupted run failed: {straight.stderr[-300:]}")
+    import torch
+
+    final = _load(os.path.join(out, "model_final.pth"))["model"]
+    reference = _load(os.path.join(workdir, "straight", "model_final.pth"))["model"]
+    differ = [k for k, v in reference.items() if not torch.equal(v, final[k])]
+    check(not differ, f"the resumed run's weights differ from the uninterrupted run's in {len(differ)} tensors")
+    return (f"SIGTERM to the process group: {stopped_at} written, exit 143, no traceback; resumed run's"
+            f" final weights equal to the uninterrupted run's, all {len(reference)} tensors")
+
+
 # --- (2) kill while a checkpoint is being written ----------------------------------------------------
 
 
@@ -323,6 +361,7 @@ def disk_full_on_checkpoint(workdir):
 
 CASES = [
     Case("training", "sigkill_mid_run_then_resume", sigkill_then_resume, slow=True),
+    Case("training", "sigterm_checkpoints_then_resume", sigterm_then_resume, slow=True),
     Case("training", "abort_while_saving_checkpoint", abort_while_saving),
     Case("training", "hard_kill_while_saving_checkpoint", hard_kill_while_saving, slow=True),
     Case("training", "nonfinite_loss_step_skipped", nonfinite_loss_skipped),

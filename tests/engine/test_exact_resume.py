@@ -12,8 +12,6 @@ import torch
 
 from detectron2.engine import HookBase
 
-from diffusiondet.data.datasets import register_coco_json
-from diffusiondet.data.synthetic import generate_synthetic_crowd
 from diffusiondet.engine import Trainer
 from tests.utils import TINY_OPTS, tiny_cfg
 
@@ -23,18 +21,6 @@ CONFIG = os.path.join(REPO, "configs", "diffdet.synthetic.res18.yaml")
 pytestmark = pytest.mark.numerics
 
 MAX_ITER, PERIOD = 6, 2  # checkpoints after iterations 1, 3 and 5 (the last one is model_final)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """7 non-square synthetic images, some wider and some taller (both aspect groups)."""
-    root = str(tmp_path_factory.mktemp("resume_data"))
-    json_file = generate_synthetic_crowd(
-        root, split="train", num_images=7, image_size=(64, 88), min_objects=2, max_objects=7, seed=5
-    )
-    image_root = os.path.join(root, "train")
-    register_coco_json("resume_tiny_train", json_file, image_root)
-    return json_file, image_root
 
 
 def _cfg(output_dir, *extra):

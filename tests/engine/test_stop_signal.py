@@ -11,7 +11,7 @@ import torch
 
 from diffusiondet.engine import Trainer
 from diffusiondet.engine.stop_signal import EvaluationStopped, StopOnSignal, stop_signals_abort
-from tests.engine.test_exact_resume import _cfg, _equal, _job, tiny_data  # noqa: F401 (fixture)
+from tests.engine.test_exact_resume import _cfg, _equal, _job
 
 pytestmark = pytest.mark.numerics
 
