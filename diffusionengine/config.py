@@ -14,7 +14,7 @@ import os
 
 from detectron2.config import CfgNode as CN
 
-from diffusiondet.config import build_config as build_diffusiondet_config
+from diffusioninst.config import build_config as build_diffusioninst_config
 from diffusiondet.config_extensions import register_config_extension
 
 from .taps import feature_strides
@@ -183,15 +183,14 @@ register_config_extension(
 
 
 def build_config(config_file="", opts=(), steps=None, boxes=None, extensions=(), trust_config=None):
-    """``diffusiondet.config.build_config`` with the DiffusionEngine extension: builds DiffusionDet
-    and DiffusionEngine configs alike (the SD keys are unused by DiffusionDet). DiffusionInst's
-    extension is not included: its check that MASK_IN_FEATURES (p2..p4) are pooled levels runs
-    for every meta-architecture, and the SD backbone has no p2.
+    """``diffusioninst.build_config`` with the DiffusionEngine extension: builds DiffusionDet,
+    DiffusionInst and DiffusionEngine configs alike (each ignores the others' keys), so the tools
+    take any config of the project.
 
     ``extensions`` names further extensions, applied after DiffusionEngine's; the other
     arguments as in ``diffusiondet.config.build_config``.
     """
-    return build_diffusiondet_config(
+    return build_diffusioninst_config(
         config_file,
         opts,
         steps=steps,

@@ -144,6 +144,11 @@ def load_local_sd(path: str, *, torch_dtype: torch.dtype = torch.float32) -> SDC
     with _hub_offline():
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        # A "Loading weights" bar per text encoder would interleave with our own progress bars.
+        bar_was_on = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
 
         # low_cpu_mem_usage=False: the same loading, without diffusers asking for `accelerate`.
         common = {
@@ -157,6 +162,8 @@ def load_local_sd(path: str, *, torch_dtype: torch.dtype = torch.float32) -> SDC
         )
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        if bar_was_on:
+            transformers_logging.enable_progress_bar()
     return SDComponents(
         vae=vae.eval(),
         unet=unet.eval(),

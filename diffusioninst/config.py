@@ -59,7 +59,9 @@ def validate_diffusioninst_config(cfg):
         ),
         (len(m.MASK_IN_FEATURES) >= 1, "MODEL.DiffusionInst.MASK_IN_FEATURES must not be empty"),
         (
-            all(f in in_features for f in m.MASK_IN_FEATURES),
+            # Only a DiffusionInst reads them: a detector sharing the config (e.g. on a backbone
+            # without p2) must not fail on an unused key.
+            not is_inst or all(f in in_features for f in m.MASK_IN_FEATURES),
             f"MODEL.DiffusionInst.MASK_IN_FEATURES {tuple(m.MASK_IN_FEATURES)} must be among "
             f"MODEL.ROI_HEADS.IN_FEATURES {tuple(in_features)}",
         ),

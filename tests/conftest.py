@@ -67,6 +67,21 @@ def inst_parity(parity_v2):
     return _fill_from_base(fx, parity_v2)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A tiny random SD-1.x-like diffusers folder (diffusionengine.tiny_sd), for the tests that
+    build DiffusionEngine configs outside tests/diffusionengine (which has its own, offline)."""
+    from diffusionengine.tiny_sd import build_tiny_sd_folder
+
+    return build_tiny_sd_folder(str(tmp_path_factory.mktemp("tiny_sd")), variant="sd1", seed=0)
+
+
+def diffusionengine_opts(path, sd_path):
+    """``SD_PATH`` for a DiffusionEngine YAML (their SD folder is the user's), nothing otherwise."""
+    name = os.path.basename(path)
+    return ["MODEL.DiffusionEngine.SD_PATH", sd_path] if name.startswith(("diffengine", "Base-DiffusionEngine")) else []
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

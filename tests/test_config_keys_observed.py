@@ -187,7 +187,7 @@ def run_model(cfg, train: bool = False, rng: Optional[RecordingRandom] = None):
 
 # ------------------------------------------------------------------------------ completeness
 # The packages whose configs add keys; a new package with keys joins this list.
-PROJECT_PACKAGES = ("diffusiondet", "diffusioninst")
+PROJECT_PACKAGES = ("diffusiondet", "diffusioninst", "diffusionengine")
 
 
 def flat_keys(node: CfgNode, prefix: str = "") -> set:
@@ -226,4 +226,5 @@ def test_every_config_key_has_a_row():
     # Sanity of the enumeration itself: keys of every kind the project adds are in it.
     assert {"MODEL.DiffusionDet.ALPHA", "MODEL.DiffusionInst.MASK_WEIGHT", "SOLVER.FUSED_ADAMW",
             "TEST.CLASS_MAPPING", "DATASETS.CUSTOM.TRAIN_JSON", "MODEL.SWIN.SIZE",
-            "MODEL.TIMM.NAME", "INPUT.CROP.PRE_CROP_MIN_SIZES"} <= keys  # fmt: skip
+            "MODEL.TIMM.NAME", "INPUT.CROP.PRE_CROP_MIN_SIZES", "MODEL.DiffusionEngine.SD_PATH",
+            "DATASETS.GENERATED.DIRS"} <= keys  # fmt: skip

@@ -246,6 +246,24 @@ OBSERVED_ELSEWHERE = {
     "INPUT.CROP.PRE_CROP_MAX_SIZE":
         "tests/data/test_augmentation_branches.py::test_crop_branch_pre_resize_is_capped_by_its_max_size",
     # a json whose file_names leave the image folder registers only with the key set
+    # DiffusionEngine: the frozen SD backbone (folder, levels, noising step, prompt) ...
+    "MODEL.DiffusionEngine.SD_PATH": "tests/diffusionengine/test_backbone.py::test_config_keys_choose_the_model_and_the_levels",
+    "MODEL.DiffusionEngine.EXTRA_LEVELS": "tests/diffusionengine/test_backbone.py::test_config_keys_choose_the_model_and_the_levels",
+    "MODEL.DiffusionEngine.TIMESTEP": "tests/diffusionengine/test_backbone.py::test_config_keys_change_the_features",
+    "MODEL.DiffusionEngine.PROMPT": "tests/diffusionengine/test_backbone.py::test_config_keys_change_the_features",
+    # ... the data engine's labelling rules ...
+    "MODEL.DiffusionEngine.LABEL_SCORE_THRESH": "tests/diffusionengine/test_data_engine.py::test_label_keys_set_the_labelling_rules",
+    "MODEL.DiffusionEngine.LABEL_NMS_THRESH": "tests/diffusionengine/test_data_engine.py::test_label_keys_set_the_labelling_rules",
+    "MODEL.DiffusionEngine.LABEL_MIN_SIZE": "tests/diffusionengine/test_data_engine.py::test_label_keys_set_the_labelling_rules",
+    "MODEL.DiffusionEngine.LABEL_MAX_PER_IMAGE": "tests/diffusionengine/test_data_engine.py::test_label_keys_set_the_labelling_rules",
+    "MODEL.DiffusionEngine.LABEL_CLASSES": "tests/diffusionengine/test_data_engine.py::test_label_classes_restrict_the_labels",
+    # ... and the generated training sets.
+    "DATASETS.GENERATED.DIRS": "tests/diffusionengine/test_generated_sets.py::test_generated_folders_are_appended_to_the_real_training_set",
+    "DATASETS.GENERATED.REPEAT_FACTOR":
+        "tests/diffusionengine/test_generated_sets.py::test_repeat_factor_selects_the_weighted_sampler_and_a_second_call_changes_nothing",
+    # repeat factors of the training sets through detectron2's WeightedTrainingSampler
+    "DATASETS.TRAIN_REPEAT_FACTOR":
+        "tests/data/test_resumable_loader.py::test_weighted_sampler_follows_the_run_seed_and_the_repeat_factors",
     "DATASETS.ALLOW_OUTSIDE_IMAGE_ROOT":
         "tests/data/test_untrusted_data.py::test_file_name_leaving_the_image_folder_is_an_error_unless_allowed",
     # a weights file holding code loads (its code runs) only with the key set

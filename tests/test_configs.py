@@ -9,13 +9,16 @@ import torch
 
 from detectron2.modeling import build_model
 
-from diffusioninst import build_config
+from diffusionengine import build_config
+
+from .conftest import diffusionengine_opts
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 # Every YAML directly under configs/, by name: a file added or removed there fails
 # test_configs_found until it is listed here, so each one is built below.
 CONFIG_NAMES = (
     "Base-DiffusionDet.yaml",
+    "Base-DiffusionEngine.yaml",
     "Base-DiffusionInst.yaml",
     "diffdet.coco.res101.yaml",
     "diffdet.coco.res50.300boxes.yaml",
@@ -29,6 +32,7 @@ CONFIG_NAMES = (
     "diffdet.lvis.res50.yaml",
     "diffdet.lvis.swinbase.yaml",
     "diffdet.synthetic.res18.yaml",
+    "diffengine.coco.sd2.yaml",
     "diffinst.coco.res101.yaml",
     "diffinst.coco.res50.inst.yaml",
     "diffinst.coco.res50.yaml",
@@ -51,8 +55,8 @@ def test_configs_found():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
-def test_every_config_builds(path):
-    cfg = build_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+def test_every_config_builds(path, tiny_sd_folder):
+    cfg = build_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *diffusionengine_opts(path, tiny_sd_folder)])
     torch.manual_seed(0)
     model = build_model(cfg)
     keys = model.state_dict().keys()

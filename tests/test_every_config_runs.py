@@ -14,8 +14,9 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks
 
-from diffusioninst import build_config
+from diffusionengine import build_config
 
+from .conftest import diffusionengine_opts
 from .utils import random_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +48,13 @@ def _rel(path):
     return os.path.relpath(path, ROOT)
 
 
-def tiny_config(path):
-    """The config at ``path`` with the TINY sizes (and Swin-T for Swin configs)."""
-    full = build_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+def tiny_config(path, sd_path=""):
+    """The config at ``path`` with the TINY sizes (and Swin-T for Swin configs, the tiny random
+    SD folder ``sd_path`` for DiffusionEngine configs)."""
+    engine = diffusionengine_opts(path, sd_path)
+    full = build_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *engine])
     stages = min(full.MODEL.DiffusionDet.NUM_HEADS, MAX_STAGES)
-    opts = TINY + ["MODEL.DiffusionDet.NUM_HEADS", stages]
+    opts = TINY + engine + ["MODEL.DiffusionDet.NUM_HEADS", stages]
     if full.MODEL.BACKBONE.NAME == SWIN_BACKBONE:
         opts += ["MODEL.SWIN.SIZE", "T"]  # same code path as B/L, a third of the blocks
     return full, build_config(path, opts)
@@ -75,8 +78,8 @@ def test_configs_found_recursively():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_rel)
-def test_config_trains_one_step_and_infers(path, monkeypatch):
-    full, cfg = tiny_config(path)
+def test_config_trains_one_step_and_infers(path, monkeypatch, tiny_sd_folder):
+    full, cfg = tiny_config(path, tiny_sd_folder)
     d = cfg.MODEL.DiffusionDet
     # The overrides change sizes only, never the family the config describes.
     for key in ("META_ARCHITECTURE", "BACKBONE.NAME", "RESNETS.DEPTH", "TIMM.NAME"):

@@ -31,7 +31,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances, pairwise_iou
 
 from diffusiondet.diffusion import TorchRandom
-from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
+from diffusionengine import build_config  # DiffusionDet, DiffusionInst and DiffusionEngine configs alike
 from diffusiondet.modeling.acceleration import set_head_speed_options
 from diffusiondet.modeling.acceleration.frozen_bn_folding import FoldedFrozenBNConv2d
 from diffusiondet.modeling.builders import sampler_kwargs

@@ -45,7 +45,7 @@ STAMP="$VENV/.diffdet-env-stamp"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_CONTENT" ]; then
   # Reinstall the project only if the editable install went missing (e.g. venv copied elsewhere)
   # or predates one of its packages.
-  "$VENV/bin/python" -c "import diffusiondet, diffusioninst" 2>/dev/null || "$VENV/bin/pip" install -q --no-deps -e "$ROOT"
+  "$VENV/bin/python" -c "import diffusiondet, diffusioninst, diffusionengine" 2>/dev/null || "$VENV/bin/pip" install -q --no-deps -e "$ROOT"
   exit 0
 fi
 
@@ -70,5 +70,5 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
 fi
 echo "[bootstrap] installing the project (editable)"
 "${PIP[@]}" install -q --no-deps -e "$ROOT"
-"$VENV/bin/python" -c "import torch, torchvision, detectron2, timm, diffusiondet, diffusioninst; print('[bootstrap] ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
+"$VENV/bin/python" -c "import torch, torchvision, detectron2, timm, diffusers, diffusiondet, diffusioninst, diffusionengine; print('[bootstrap] ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
 echo "$STAMP_CONTENT" > "$STAMP"

@@ -8,7 +8,7 @@ and save visualisations; ``--help`` for the options, ``diffusiondet/tooling/demo
         --opts MODEL.WEIGHTS output/synthetic_res18/model_final.pth
 """
 from diffusiondet.tooling.demo import main
-from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
+from diffusionengine import build_config  # DiffusionDet, DiffusionInst and DiffusionEngine configs alike
 
 if __name__ == "__main__":
     main(build_config=build_config)

@@ -34,7 +34,7 @@ from detectron2.utils.logger import setup_logger
 
 from diffusiondet.data.datasets import datasets_root, ensure_synthetic_crowd, register_synthetic_crowd
 from diffusiondet.engine import Trainer, load_model_weights
-from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
+from diffusionengine import build_config  # DiffusionDet, DiffusionInst and DiffusionEngine configs alike
 
 logger = logging.getLogger("diffusiondet.main_job")
 

@@ -18,7 +18,7 @@ import time
 from detectron2.utils.logger import setup_logger
 
 from diffusiondet.engine import Trainer, load_model_weights
-from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs
+from diffusionengine import build_config  # DiffusionDet, DiffusionInst and DiffusionEngine configs
 from diffusiondet.evaluation.sweep import combinations, run_sweep
 from diffusiondet.evaluation.sweep_report import write_reports
 

@@ -16,7 +16,7 @@ from detectron2.utils.logger import setup_logger
 
 from diffusiondet.engine import DiffusionDetCheckpointer, Trainer, argument_parser, load_model_weights
 from diffusiondet.engine.stop_signal import forward_stop_signals
-from diffusioninst import build_config  # DiffusionDet and DiffusionInst configs alike
+from diffusionengine import build_config  # DiffusionDet, DiffusionInst and DiffusionEngine configs alike
 
 
 def setup(args):

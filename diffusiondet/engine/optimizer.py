@@ -22,6 +22,12 @@ def _with_full_model_clipping(optimizer_cls, max_norm: float, norm_type: float):
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW/SGD over every trainable parameter (weight decay on all of them, as official)."""
     multiplier = cfg.SOLVER.BACKBONE_MULTIPLIER
+    # The multiplier slows a pre-trained backbone down. A backbone whose trainable parameters
+    # are all new (a frozen model behind a freshly initialised adapter, e.g. DiffusionEngine's
+    # channel mapper) says so with ``lr_multiplier_applies = False``: a multiplier of 0 would
+    # otherwise freeze the only part that learns.
+    if not getattr(getattr(model, "backbone", None), "lr_multiplier_applies", True):
+        multiplier = 1.0
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,

@@ -72,10 +72,17 @@ def image_seed(seed: int, image: torch.Tensor) -> int:
     return zlib.crc32(struct.pack("<qI", seed, zlib.crc32(data)))
 
 
+def _gn_groups(out_channels: int) -> int:
+    """GroupNorm(32) as the paper's ChannelMapper, with at least 2 channels per group: a coarse
+    level is 1x1 for images up to its stride (p7 below 128 px), and a group of one value there
+    cannot be normalised (torch raises; 256 channels, the paper's, keep 32 groups)."""
+    return min(GN_GROUPS, out_channels // 2)
+
+
 def _gn_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> Conv2d:
     conv = Conv2d(
         in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-        bias=False, norm=nn.GroupNorm(GN_GROUPS, out_channels),
+        bias=False, norm=nn.GroupNorm(_gn_groups(out_channels), out_channels),
     )  # fmt: skip
     weight_init.c2_xavier_fill(conv)
     return conv
@@ -83,6 +90,10 @@ def _gn_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int 
 
 class StableDiffusionBackbone(Backbone):
     """Frozen SD U-Net features + a trainable channel mapper (see the module docstring)."""
+
+    # Every trainable parameter is the new channel mapper: SOLVER.BACKBONE_MULTIPLIER (meant to
+    # slow a pre-trained backbone) does not apply to it (diffusiondet/engine/optimizer.py).
+    lr_multiplier_applies = False
 
     @configurable
     def __init__(

@@ -232,3 +232,13 @@ def test_training_step_trains_the_mapper_only(tiny_sd1_path):
     # Boxes this small are pooled from p3 (detectron2's level assignment), so p3's mapper trains.
     assert all(p.grad.abs().sum() > 0 for p in model.backbone.lateral_convs[0].parameters())
     assert all(p.grad is None for p in unet.parameters()) and not unet.training
+
+
+def test_backbone_multiplier_does_not_freeze_the_mapper(tiny_sd1_path):
+    """The official recipes' SOLVER.BACKBONE_MULTIPLIER slows a pre-trained backbone; the SD
+    backbone's trainable part is the new mapper, which must keep the base LR (even at 0)."""
+    cfg, model = _model(tiny_sd1_path, "SOLVER.BACKBONE_MULTIPLIER", 0.0)
+    mapper = {id(p) for p in model.backbone.parameters()}
+    groups = build_optimizer(cfg, model).param_groups
+    lrs = {g["lr"] for g in groups if any(id(p) in mapper for p in g["params"])}
+    assert lrs == {cfg.SOLVER.BASE_LR}

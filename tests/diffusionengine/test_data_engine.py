@@ -207,3 +207,27 @@ def test_the_tool_help_imports_neither_diffusers_nor_transformers():
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
     assert "diffusionengine.generate_cli" in imported
     assert not [m for m in imported if m.split(".")[0] in ("diffusers", "transformers")]
+
+
+@pytest.mark.parametrize(
+    "key, value, fewer",
+    [
+        ("MODEL.DiffusionEngine.LABEL_SCORE_THRESH", 1.0, lambda base, n: n == 0),  # no score exceeds 1
+        ("MODEL.DiffusionEngine.LABEL_MAX_PER_IMAGE", 1, lambda base, n: n == 1 < base),
+        ("MODEL.DiffusionEngine.LABEL_MIN_SIZE", 1000.0, lambda base, n: n == 0),  # larger than the image
+        ("MODEL.DiffusionEngine.LABEL_NMS_THRESH", 1.0, lambda base, n: n > base),  # no overlap suppresses
+    ],
+)
+def test_label_keys_set_the_labelling_rules(adapter, key, value, fewer):
+    """Each LABEL_* key reaches filter_labels: the same generation, labelled under the key's
+    value, keeps the labels that rule allows (the default config here keeps 4 per image)."""
+
+    def labels(*opts):
+        cfg = build_config(BASE, adapter_opts(adapter[0], "MODEL.DiffusionEngine.LABEL_MAX_PER_IMAGE", 10, *opts))
+        torch.manual_seed(0)
+        out = DataEngine(cfg, build_model(cfg)).generate(PROMPTS[:1], seeds=[3], steps=2, size=SIZE)
+        return len(out[0].classes)
+
+    base = labels()
+    assert base > 1
+    assert fewer(base, labels(key, value)), (key, base)
