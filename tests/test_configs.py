@@ -33,6 +33,7 @@ CONFIG_NAMES = (
     "diffdet.lvis.swinbase.yaml",
     "diffdet.synthetic.res18.yaml",
     "diffengine.coco.sd2.yaml",
+    "diffengine.synthetic.tinysd.yaml",
     "diffinst.coco.res101.yaml",
     "diffinst.coco.res50.inst.yaml",
     "diffinst.coco.res50.yaml",
