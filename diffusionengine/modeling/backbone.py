@@ -207,9 +207,18 @@ class StableDiffusionBackbone(Backbone):
         noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=latents.dtype)
         t = torch.full((b,), self.timestep, device=latents.device, dtype=torch.long)  # (B,)
         noisy = scheduler.add_noise(latents, noise, t)  # sqrt(a_t) z + sqrt(1 - a_t) eps
-        context = self.prompt_embeds.to(unet.dtype).expand(b, -1, -1)  # (B, L, D)
+        return self.tapped_unet(noisy, t)
+
+    @torch.no_grad()
+    def tapped_unet(self, latents: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor] = None):
+        """One U-Net call on (B, 4, h, w) noisy ``latents`` at timesteps ``t`` (B,), conditioned on
+        ``context`` (B, L, D) (default: the backbone's prompt) -> its grouped taps. The data
+        engine's labels come from the same taps of a generation's last call (zero extra calls)."""
+        unet = self._sd.unet
+        if context is None:
+            context = self.prompt_embeds.expand(latents.shape[0], -1, -1)  # (B, L, D)
         with UNetTaps(unet) as taps:
-            unet(noisy.to(unet.dtype), t, encoder_hidden_states=context)
+            unet(latents.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype))
         return taps.grouped()
 
     def features_from_taps(self, grouped: Dict[int, torch.Tensor]) -> Dict[str, torch.Tensor]:

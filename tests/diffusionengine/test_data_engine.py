@@ -231,3 +231,33 @@ def test_label_keys_set_the_labelling_rules(adapter, key, value, fewer):
     base = labels()
     assert base > 1
     assert fewer(base, labels(key, value)), (key, base)
+
+
+def test_the_generations_last_call_tap_equals_the_backbones_tap_on_its_latents_and_t(engine):
+    """The labels of a generated image come from its last U-Net call under CFG (the conditional
+    half); the adapter was trained on the backbone's own U-Net pass. On the latents and t that
+    last call saw, with the generation's prompt, the backbone's pass gives the same taps, so the
+    adapter sees in generation what it saw in training (up to the input's noise level)."""
+    from diffusionengine.modeling.backbone import encode_prompt
+    from diffusionengine.taps import UNetTaps
+
+    backbone, prompt = engine.backbone, PROMPTS[1]
+    pipe = engine.pipeline("ddim", img2img=False)
+    generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    with UNetTaps(backbone.components.unet, conditional_half=True) as taps, torch.no_grad():
+        pipe(prompt=[prompt] * 2, num_inference_steps=3, guidance_scale=7.5, height=SIZE[0], width=SIZE[1],
+             generator=generators, output_type="np")  # fmt: skip
+        recorded = {s: x.clone() for s, x in taps.grouped().items()}
+        latents, t = taps.latent.clone(), taps.timestep
+    assert int(torch.as_tensor(t).flatten()[0]) == 1  # DDIM "leading" ends at the adapter's t
+    context = encode_prompt(backbone.components, prompt).expand(2, -1, -1)
+    again = backbone.tapped_unet(latents, torch.as_tensor(t).expand(2), context)
+    assert sorted(again) == sorted(recorded)
+    for s in recorded:
+        torch.testing.assert_close(again[s], recorded[s], atol=1e-4, rtol=1e-4)
+    mapped, mapped_again = backbone.features_from_taps(recorded), backbone.features_from_taps(again)
+    for name in mapped:
+        torch.testing.assert_close(mapped[name], mapped_again[name], atol=1e-4, rtol=1e-4)
+    # Not vacuous: another prompt's context gives other taps.
+    other = backbone.tapped_unet(latents, torch.as_tensor(t).expand(2), encode_prompt(backbone.components, "x").expand(2, -1, -1))
+    assert not torch.allclose(other[1], recorded[1], atol=1e-4)
