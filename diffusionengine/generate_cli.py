@@ -198,12 +198,14 @@ def run(args) -> int:
     engine = DataEngine(cfg, model, class_names=class_names)
     source = PromptSource(args, class_names, size)
     max_images = args.max_images or 10 * args.num_images
-    done = lambda: writer.num_images >= args.num_images and min(writer.class_counts) >= args.min_per_class  # noqa: E731
+    # The lower bound applies to the classes that may label an image (LABEL_CLASSES, or all).
+    wanted = engine.label_rules["allowed_classes"] or range(len(class_names))
+    done = lambda: writer.num_images >= args.num_images and min(writer.class_counts[c] for c in wanted) >= args.min_per_class  # noqa: E731
     bar, since_flush, status = tqdm(total=args.num_images, initial=min(writer.num_images, args.num_images)), 0, 0
     with torch.no_grad():
         while not done():
             if attempts >= max_images:
-                short = {n: c for n, c in zip(class_names, writer.class_counts) if c < args.min_per_class}
+                short = {class_names[i]: writer.class_counts[i] for i in wanted if writer.class_counts[i] < args.min_per_class}
                 print(f"stopped: --max-images {max_images} images generated; {writer.num_images} written"
                       f" (of {args.num_images}); classes below {args.min_per_class} labels: {short}",
                       file=sys.stderr)  # fmt: skip

@@ -9,6 +9,7 @@ and imports neither diffusers nor transformers.
 import json
 import logging
 import os
+import zlib
 from typing import List
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -27,8 +28,11 @@ _WEIGHTED_SAMPLERS = ("WeightedTrainingSampler", "WeightedCategoryTrainingSample
 
 
 def generated_dataset_name(index: int, folder: str) -> str:
-    """``generated_<index>_<folder's base name>``: stable across runs for the same DIRS list."""
-    return f"generated_{index}_{os.path.basename(os.path.normpath(folder))}"
+    """``generated_<index>_<folder's base name>_<CRC32 of its absolute path>``: stable across
+    runs for the same DIRS list, and two folders of the same base name (two runs' ``generated/``)
+    can be trained on in one process."""
+    path = os.path.abspath(os.path.normpath(folder))
+    return f"generated_{index}_{os.path.basename(path)}_{zlib.crc32(path.encode()):08x}"
 
 
 def thing_classes_of(dataset_name: str) -> List[str]:

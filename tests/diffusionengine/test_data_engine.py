@@ -144,10 +144,10 @@ def test_label_classes_restrict_the_labels(adapter):
     assert {c for g in out for c in g.classes.tolist()} <= {2}
 
 
-def _cli(adapter, out, *extra):
+def _cli(adapter, out, *extra, opts=()):
     return main(["--config-file", BASE, "--weights", adapter[1], "--out", str(out), "--size", *map(str, SIZE),
                  "--steps", "3", "--batch-size", "2", "--seed", "7", *extra,
-                 "--opts", *map(str, adapter_opts(adapter[0]))])  # fmt: skip
+                 "--opts", *map(str, adapter_opts(adapter[0], *opts))])  # fmt: skip
 
 
 def _files(folder):
@@ -181,10 +181,15 @@ def test_same_seed_same_bytes_and_resume_equals_one_shot(adapter, tmp_path):
 
 
 def test_min_per_class_generates_past_n_and_max_images_stops_with_a_message(adapter, tmp_path, capsys):
-    assert _cli(adapter, tmp_path / "a", "--num-images", "2", "--min-per-class", "2") == 0
+    # The untrained adapter's classes are arbitrary: the bound is asked of the two allowed
+    # classes (LABEL_CLASSES), which it must reach past N while the others get no label.
+    allowed = ("red_circle", "magenta_cross")
+    opts = ("MODEL.DiffusionEngine.LABEL_CLASSES", allowed)
+    assert _cli(adapter, tmp_path / "a", "--num-images", "2", "--min-per-class", "6", opts=opts) == 0
     coco = json.loads(_files(tmp_path / "a")["annotations.json"])
-    counts = [sum(a["category_id"] == c["id"] for a in coco["annotations"]) for c in coco["categories"]]
-    assert min(counts) >= 2 and len(coco["images"]) >= 2
+    counts = {c["name"]: sum(a["category_id"] == c["id"] for a in coco["annotations"]) for c in coco["categories"]}
+    assert min(counts[n] for n in allowed) >= 6 and len(coco["images"]) > 2
+    assert sum(counts.values()) == sum(counts[n] for n in allowed)
     assert _cli(adapter, tmp_path / "b", "--num-images", "2", "--min-per-class", "1000", "--max-images", "4") == 1
     assert "stopped: --max-images 4" in capsys.readouterr().err
     assert len(json.loads(_files(tmp_path / "b")["annotations.json"])["images"]) == 4

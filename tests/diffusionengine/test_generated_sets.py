@@ -9,7 +9,7 @@ from diffusiondet.data.datasets import register_coco_json
 from diffusiondet.data.synthetic import SYNTHETIC_CROWD_CLASSES, generate_synthetic_crowd
 from diffusionengine import build_config
 from diffusionengine.data.coco_writer import GeneratedCocoWriter, reference_categories
-from diffusionengine.data.generated import register_generated_sets, thing_classes_of
+from diffusionengine.data.generated import generated_dataset_name, register_generated_sets, thing_classes_of
 from tests.utils import TINY_OPTS
 
 REAL = "generated_sets_test_real"
@@ -38,22 +38,38 @@ def _cfg(*opts):
     return build_config("configs/diffdet.synthetic.res18.yaml", TINY_OPTS + opts)
 
 
+def _names(folders):
+    names = [generated_dataset_name(i, f) for i, f in enumerate(folders)]
+    assert [n.rsplit("_", 1)[0] for n in names] == ["generated_0_gen_alpha", "generated_1_gen_beta"]
+    return names
+
+
 def test_generated_folders_are_appended_to_the_real_training_set(real_and_generated):
     cfg = _cfg("DATASETS.GENERATED.DIRS", tuple(real_and_generated))
-    assert cfg.DATASETS.TRAIN == (REAL, "generated_0_gen_alpha", "generated_1_gen_beta")
+    alpha, beta = _names(real_and_generated)
+    assert cfg.DATASETS.TRAIN == (REAL, alpha, beta)
     assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler" and cfg.DATASETS.TRAIN_REPEAT_FACTOR == ()
-    records = DatasetCatalog.get("generated_0_gen_alpha")
+    records = DatasetCatalog.get(alpha)
     assert len(records) == 3 and [r["annotations"][0]["category_id"] for r in records] == [0, 1, 2]
-    assert MetadataCatalog.get("generated_1_gen_beta").thing_classes == list(SYNTHETIC_CROWD_CLASSES)
+    assert MetadataCatalog.get(beta).thing_classes == list(SYNTHETIC_CROWD_CLASSES)
+
+
+def test_folders_of_the_same_base_name_get_their_own_dataset(real_and_generated, tmp_path):
+    """Two runs' generated/ folders trained on in one process (e.g. a job comparing them)."""
+    other = tmp_path / os.path.basename(real_and_generated[0])
+    other.mkdir()
+    assert generated_dataset_name(0, str(other)) != generated_dataset_name(0, real_and_generated[0])
+    assert generated_dataset_name(0, real_and_generated[0] + "/") == generated_dataset_name(0, real_and_generated[0])
 
 
 def test_repeat_factor_selects_the_weighted_sampler_and_a_second_call_changes_nothing(real_and_generated):
     cfg = _cfg("DATASETS.GENERATED.DIRS", tuple(real_and_generated), "DATASETS.GENERATED.REPEAT_FACTOR", 0.5)
-    expected = (("generated_0_gen_alpha", 0.5), ("generated_1_gen_beta", 0.5))
+    alpha, beta = _names(real_and_generated)
+    expected = ((alpha, 0.5), (beta, 0.5))
     assert cfg.DATASETS.TRAIN_REPEAT_FACTOR == expected
     assert cfg.DATALOADER.SAMPLER_TRAIN == "WeightedTrainingSampler"
     before = cfg.dump()
-    assert register_generated_sets(cfg) == ["generated_0_gen_alpha", "generated_1_gen_beta"]
+    assert register_generated_sets(cfg) == [alpha, beta]
     assert cfg.dump() == before
     # A dumped config built again (e.g. output/config.yaml of a run) registers the same way.
     again = _cfg("DATASETS.TRAIN", cfg.DATASETS.TRAIN, "DATASETS.GENERATED.DIRS", tuple(real_and_generated),

@@ -11,6 +11,7 @@ from diffusiondet.data.datasets import register_coco_json
 from diffusiondet.data.synthetic import generate_synthetic_crowd
 from diffusiondet.engine import Trainer
 from diffusionengine import build_config
+from diffusionengine.data.generated import generated_dataset_name
 from diffusionengine.generate_cli import main
 from tests.diffusionengine.test_data_engine import BASE, adapter_opts
 from tests.utils import TINY_OPTS
@@ -45,7 +46,7 @@ def test_twenty_mixed_iterations_sample_the_generated_set_with_finite_losses(gen
         "DATASETS.GENERATED.DIRS", (generated_folder,), "DATASETS.GENERATED.REPEAT_FACTOR", 2.0,
         "SOLVER.MAX_ITER", 20, "SOLVER.CHECKPOINT_PERIOD", 100, "SEED", 3, "OUTPUT_DIR", str(tmp_path),
     ])  # fmt: skip
-    assert cfg.DATASETS.TRAIN == (REAL, "generated_0_generated")
+    assert cfg.DATASETS.TRAIN == (REAL, generated_dataset_name(0, generated_folder))
     assert cfg.DATALOADER.SAMPLER_TRAIN == "WeightedTrainingSampler"
     cfg.freeze()
     trainer = Trainer(cfg)
