@@ -142,6 +142,7 @@ def generated_set(settings, engine_args, train_name: str) -> Dict:
     a, b = settings.gen_strength
     argv = ["--config-file", config_file, "--weights", weights, "--out", folder,
             "--num-images", str(settings.gen_images), "--min-per-class", str(settings.gen_min_per_class),
+            "--max-images", str(settings.gen_max_images),
             "--ref-dataset", train_name, "--strength", str(a), str(b), "--size", str(settings.gen_size),
             "--guidance", str(settings.gen_guidance), "--steps", str(settings.gen_steps),
             "--batch-size", str(settings.batch_size), "--seed", str(settings.seed),

@@ -46,16 +46,17 @@ class EngineJobSettings:
     boxes: Tuple[int, ...] = (100, 300)
     adapter_iters: int = 600  # the main job's iterations
     deltas: Tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
-    label_images: int = 96  # TRAIN references of the label precision / recall
+    label_images: int = 160  # TRAIN references of the label precision / recall
     label_strength: float = 0.35  # their img2img encoding ratio
     gen_size: int = 128  # generated images (a multiple of the SD backbone's 64)
     gen_steps: int = 20  # DDIM "leading": the last step is at t = 1, the adapter's
     gen_guidance: float = 4.0
-    gen_images: int = 300  # generated training images ...
-    gen_min_per_class: int = 300  # ... and at least this many labels per class
+    gen_images: int = 600  # generated training images (as many as the real ones) ...
+    gen_min_per_class: int = 500  # ... and at least this many labels per class ...
+    gen_max_images: int = 1200  # ... within this many generated images (kept or not)
     gen_strength: Tuple[float, float] = (0.3, 0.8)  # encoding ratios of the generated set
     gen_keep_empty: bool = False  # also keep generated images without a label
-    mix_iters: int = 200  # iterations of each real / real + generated training
+    mix_iters: int = 250  # iterations of each real / real + generated training
     mix_seeds: Tuple[int, ...] = (40244023, 1, 2)  # the main job's SEED, then 1, 2
     timing_sizes: Tuple[int, ...] = (128, 256)
     timing_images: int = 4
@@ -70,9 +71,8 @@ def quick_settings(out_dir: str) -> EngineJobSettings:
     return EngineJobSettings(
         out_dir=out_dir, ldm=TinyLDMConfig(vae_steps=3, unet_steps=3, batch_size=2, size=64, vae_crop=32),
         main_job_dir="", num_images=(8, 4), opts=small, steps=(1, 2), boxes=(20,), adapter_iters=2,
-        label_images=4, gen_size=64, gen_steps=4, gen_images=4, gen_min_per_class=0, gen_strength=(0.5, 0.5),
-        gen_keep_empty=True,
-        mix_iters=2, mix_seeds=(40244023, 1), timing_sizes=(64,), timing_images=2, batch_size=2)
+        label_images=4, gen_size=64, gen_steps=4, gen_images=4, gen_min_per_class=0, gen_max_images=8,
+        gen_strength=(0.5, 0.5), gen_keep_empty=True, mix_iters=2, mix_seeds=(40244023, 1), timing_sizes=(64,), timing_images=2, batch_size=2)
 
 
 def _stage(settings: EngineJobSettings, name: str, fn: Callable[[], Dict], key: Dict) -> Dict:
@@ -138,8 +138,8 @@ def run_engine_job(settings: EngineJobSettings, progress: bool = True) -> Dict:
     engine_args = (settings.adapter_config, adapters["trained"]["opts"], adapters["trained"]["weights"])
     labels = _stage(settings, "labels", lambda: st.labels(settings, engine_args, paths[train_name], progress),
                     label_key)
-    gen_key = label_key | {k: getattr(settings, k) for k in ("gen_images", "gen_min_per_class", "gen_strength",
-                                                       "gen_keep_empty")}
+    gen_fields = ("gen_images", "gen_min_per_class", "gen_max_images", "gen_strength", "gen_keep_empty")
+    gen_key = label_key | {k: getattr(settings, k) for k in gen_fields}
     generated = _stage(settings, "generated_set", lambda: st.generated_set(settings, engine_args, train_name),
                        gen_key)
     st.write_grid(settings, labels, generated, paths[train_name])

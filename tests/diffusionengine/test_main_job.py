@@ -13,6 +13,8 @@ from diffusionengine import job_stages, main_job
 from diffusionengine.job_labels import LabelledSample, count_matches, precision_recall
 from diffusionengine.job_report import check_results, format_tables
 
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
@@ -20,7 +22,10 @@ def quick_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine_job")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DETECTRON2_DATASETS", str(root / "datasets"))
-        settings = dataclasses.replace(main_job.quick_settings(str(root / "out")), num_images=(7, 3))
+        settings = dataclasses.replace(
+            main_job.quick_settings(str(root / "out")), num_images=(7, 3),
+            res18_config=os.path.join(CONFIGS, "diffdet.synthetic.res18.yaml"),
+            adapter_config=os.path.join(CONFIGS, "diffengine.synthetic.tinysd.yaml"))
         results = main_job.run_engine_job(settings, progress=False)
     return settings, results
 
