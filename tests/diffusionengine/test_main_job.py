@@ -116,3 +116,21 @@ def test_check_results_names_bad_values_and_table_shows_spread(quick_run):
     spread = json.loads(json.dumps(results))
     spread["real_vs_generated"]["real"][0][0]["AP"], spread["real_vs_generated"]["real"][1][0]["AP"] = 10.0, 20.0
     assert "| real (2 it) | 2 | 20 | 15.0 ± 7.1 |" in format_tables(spread)
+
+
+def test_main_job_rows_come_from_make_demo_when_its_table_matches(tmp_path, monkeypatch):
+    settings = dataclasses.replace(main_job.EngineJobSettings(out_dir=str(tmp_path / "out")), main_job_dir=str(tmp_path),
+                                   res18_config=os.path.join(CONFIGS, "diffdet.synthetic.res18.yaml"))
+    rows = [{"steps": s, "boxes": b, "AP": 30.0 + s, "AP50": 60.0, "AP75": 28.0} for s in (1, 4) for b in (100, 300)]
+    os.makedirs(tmp_path / "seed_40244023")
+    with open(tmp_path / "seed_40244023" / "ap_table.json", "w") as f:  # `make demo --seeds 40244023 ...`
+        json.dump({"seed": 40244023, "rows": rows}, f)
+    with open(tmp_path / "ap_table.json", "w") as f:  # a run with another SEED: not this config's
+        json.dump({"seed": 7, "rows": rows}, f)
+    calls = []
+    monkeypatch.setattr(job_stages, "detector", lambda *a: calls.append(a) or {"rows": []})
+    reused = job_stages.main_job(settings, [])
+    assert reused == {"rows": rows, "source": str(tmp_path / "seed_40244023" / "ap_table.json")} and not calls
+    # A table without every (steps, boxes) of the job is not enough: the job trains its own.
+    trained = job_stages.main_job(dataclasses.replace(settings, boxes=(100, 500)), [])
+    assert trained["source"] == "trained here (600 iterations)" and len(calls) == 1
