@@ -22,7 +22,8 @@ def _adapter_table(adapter: Dict, iters: int) -> List[str]:
              ("res18_main_job", "ResNet-18-FPN, main job"))
     for key, name in names:
         for r in adapter[key]:
-            lines.append(f"| {name} | {r['steps']} | {r['boxes']} | " + " | ".join(_cell(r[m]) for m in ("AP", "AP50", "AP75")) + " |")
+            cells = " | ".join(_cell(r[m]) for m in ("AP", "AP50", "AP75"))
+            lines.append(f"| {name} | {r['steps']} | {r['boxes']} | {cells} |")
     return lines
 
 

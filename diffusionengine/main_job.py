@@ -72,7 +72,8 @@ def quick_settings(out_dir: str) -> EngineJobSettings:
         out_dir=out_dir, ldm=TinyLDMConfig(vae_steps=3, unet_steps=3, batch_size=2, size=64, vae_crop=32),
         main_job_dir="", num_images=(8, 4), opts=small, steps=(1, 2), boxes=(20,), adapter_iters=2,
         label_images=4, gen_size=64, gen_steps=4, gen_images=4, gen_min_per_class=0, gen_max_images=8,
-        gen_strength=(0.5, 0.5), gen_keep_empty=True, mix_iters=2, mix_seeds=(40244023, 1), timing_sizes=(64,), timing_images=2, batch_size=2)
+        gen_strength=(0.5, 0.5), gen_keep_empty=True, mix_iters=2, mix_seeds=(40244023, 1), timing_sizes=(64,),
+        timing_images=2, batch_size=2)
 
 
 def _stage(settings: EngineJobSettings, name: str, fn: Callable[[], Dict], key: Dict) -> Dict:

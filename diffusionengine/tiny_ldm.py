@@ -36,7 +36,7 @@ import math
 import os
 import shutil
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -46,8 +46,7 @@ from tqdm import tqdm
 from diffusiondet.engine.checkpoint import atomic_write, check_finite_state
 from diffusiondet.utils.rng_state import capture_rng_state, mixed_seed, restore_rng_state
 
-from .prompts import MAX_CLASS_NAMES, class_prompt
-from .tiny_ldm_data import ImageSet, load_coco_images, synthetic_train_set
+from .tiny_ldm_data import ImageSet, PromptEmbeddings, draw_prompt, load_coco_images, synthetic_train_set
 
 __all__ = ["ImageSet", "TinyLDMConfig", "load_coco_images", "synthetic_train_set", "train_tiny_ldm"]
 
@@ -118,29 +117,6 @@ def _encode_all(vae, images: torch.Tensor, batch: int = 32):
     return torch.cat(means), torch.cat(stds)
 
 
-class _PromptEmbeddings:
-    """Frozen text encoder outputs per prompt, (L, D) each, computed once."""
-
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        for p in set(prompts) - set(self.cache):
-            ids = self.tokenizer([p], padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-            self.cache[p] = self.text_encoder(ids)[0][0]
-        return torch.stack([self.cache[p] for p in prompts])  # (B, L, D)
-
-
-def _draw_prompt(names: List[str], cfg: TinyLDMConfig, gen: torch.Generator) -> str:
-    drop = float(torch.rand((), generator=gen)) < cfg.uncond_prob
-    order = torch.randperm(max(1, len(names)), generator=gen).tolist()
-    if drop or not names:
-        return ""
-    return class_prompt([names[i] for i in order[:MAX_CLASS_NAMES]])
-
-
 def _latent_scaling(latents) -> float:
     """SD's ``scaling_factor``, 1 / std of the latents: the std of z = mean + std * eps over all
     elements of all images is sqrt(Var[mean] + E[std^2]), no draw needed."""
@@ -154,7 +130,7 @@ def _unet_loss(unet, scheduler, latents, scaling, data, embed, cfg, gen) -> torc
     z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling  # (B, C, h, w)
     noise = torch.randn(z0.shape, generator=gen)
     t = torch.randint(scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-    prompts = [_draw_prompt(data.class_names[i], cfg, gen) for i in idx.tolist()]
+    prompts = [draw_prompt(data.class_names[i], cfg.uncond_prob, gen) for i in idx.tolist()]
     pred = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=embed(prompts)).sample
     return F.mse_loss(pred, noise)
 
@@ -239,7 +215,7 @@ def train_tiny_ldm(
     done = step + (cfg.vae_steps if stage != "vae" else 0)
     bar = tqdm(total=total, initial=min(done, total), desc="tiny LDM", disable=not progress, dynamic_ncols=True)
     start_time = time.perf_counter()
-    embed = _PromptEmbeddings(comps.tokenizer, comps.text_encoder)
+    embed = PromptEmbeddings(comps.tokenizer, comps.text_encoder)
     latents = None
     for name, steps, module in (("vae", cfg.vae_steps, comps.vae), ("unet", cfg.unet_steps, comps.unet)):
         if stage == "done" or (stage == "unet" and name == "vae"):

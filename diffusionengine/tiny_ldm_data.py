@@ -1,18 +1,20 @@
 """Training data of the tiny LDM (:mod:`diffusionengine.tiny_ldm`): images of a COCO json in
-memory, with the names of the classes each one shows (its prompts are made of them).
+memory, with the names of the classes each one shows, and the prompts made of them.
 
 Shape shorthand: N images, H W pixels.
 """
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 
-__all__ = ["ImageSet", "load_coco_images", "synthetic_train_set"]
+from .prompts import MAX_CLASS_NAMES, class_prompt
+
+__all__ = ["ImageSet", "PromptEmbeddings", "draw_prompt", "load_coco_images", "synthetic_train_set"]
 
 
 @dataclasses.dataclass
@@ -57,3 +59,28 @@ def synthetic_train_set(size: int, root: Optional[str] = None) -> ImageSet:
 
     paths = ensure_synthetic_crowd(root)["synthetic_crowd_train"]
     return load_coco_images(paths["json_file"], paths["image_root"], size)
+
+
+class PromptEmbeddings:
+    """Frozen text encoder outputs per prompt, (L, D) each, computed once."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        for p in set(prompts) - set(self.cache):
+            ids = self.tokenizer([p], padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            self.cache[p] = self.text_encoder(ids)[0][0]
+        return torch.stack([self.cache[p] for p in prompts])  # (B, L, D)
+
+
+def draw_prompt(names: List[str], uncond_prob: float, gen: torch.Generator) -> str:
+    """The training prompt of an image showing ``names``: "" with probability ``uncond_prob``
+    (or without names), else :func:`class_prompt` of up to 4 of them in a random order."""
+    drop = float(torch.rand((), generator=gen)) < uncond_prob
+    order = torch.randperm(max(1, len(names)), generator=gen).tolist()
+    if drop or not names:
+        return ""
+    return class_prompt([names[i] for i in order[:MAX_CLASS_NAMES]])

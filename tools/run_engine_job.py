@@ -23,7 +23,8 @@ from diffusionengine.main_job import EngineJobSettings, quick_settings, restart,
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="output folder (default output/engine, --quick: output/engine_quick)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default output/engine, --quick: output/engine_quick)")
     parser.add_argument("--quick", action="store_true", help="smoke-sized run of every stage")
     parser.add_argument("--restart", action="store_true", help="delete OUT and start over")
     for flag, field in (("--adapter-iters", "adapter_iters"), ("--mix-iters", "mix_iters"),

@@ -56,7 +56,8 @@ def test_quick_job_values_in_range_and_files_written(quick_run):
     grid = cv2.imread(os.path.join(out, "generated_labels.png"))
     assert grid.shape[0] > 3 * settings.gen_size and grid.shape[1] >= 4 * settings.gen_size
     assert os.path.isfile(os.path.join(out, "tiny_ldm", "samples.png"))
-    assert sorted(os.listdir(os.path.join(out, "stages"))) == sorted(f"{n}.json" for n in main_job.stage_names(settings))
+    stages = sorted(os.listdir(os.path.join(out, "stages")))
+    assert stages == sorted(f"{n}.json" for n in main_job.stage_names(settings))
 
 
 def test_second_run_reuses_every_stage(quick_run, monkeypatch):
@@ -98,7 +99,8 @@ def test_matching_is_class_aware_greedy_and_one_to_one():
 
 
 def test_precision_recall_per_delta():
-    samples = [_sample([[0, 0, 10, 10], [50, 50, 60, 60]], [0, 1], [0.9, 0.35], [[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1]),
+    samples = [_sample([[0, 0, 10, 10], [50, 50, 60, 60]], [0, 1], [0.9, 0.35],
+                       [[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1]),
                _sample([], [], [], [[0, 0, 5, 5]], [2])]
     rows = precision_recall(samples, [0.3, 0.5, 0.95])
     assert (rows[0]["precision"], rows[0]["recall"], rows[0]["labels_per_image"]) == (0.5, 1 / 3, 1.0)
@@ -119,7 +121,8 @@ def test_check_results_names_bad_values_and_table_shows_spread(quick_run):
 
 
 def test_main_job_rows_come_from_make_demo_when_its_table_matches(tmp_path, monkeypatch):
-    settings = dataclasses.replace(main_job.EngineJobSettings(out_dir=str(tmp_path / "out")), main_job_dir=str(tmp_path),
+    settings = dataclasses.replace(main_job.EngineJobSettings(out_dir=str(tmp_path / "out")),
+                                   main_job_dir=str(tmp_path),
                                    res18_config=os.path.join(CONFIGS, "diffdet.synthetic.res18.yaml"))
     rows = [{"steps": s, "boxes": b, "AP": 30.0 + s, "AP50": 60.0, "AP75": 28.0} for s in (1, 4) for b in (100, 300)]
     os.makedirs(tmp_path / "seed_40244023")

@@ -11,6 +11,7 @@ import torch
 from diffusionengine import tiny_ldm
 from diffusionengine.local_sd import load_local_sd
 from diffusionengine.tiny_ldm import ImageSet, TinyLDMConfig, load_coco_images, train_tiny_ldm
+from diffusionengine.tiny_ldm_data import draw_prompt
 
 NAMES = ["red_circle", "green_square", "blue_triangle", "yellow_diamond", "magenta_cross"]
 
@@ -124,15 +125,14 @@ def test_resume_with_another_config_names_the_checkpoint(tmp_path):
 
 def test_prompts_name_up_to_four_present_classes_and_drop_some():
     gen = torch.Generator().manual_seed(0)
-    cfg = _cfg(uncond_prob=0.1)
-    prompts = [tiny_ldm._draw_prompt(NAMES, cfg, gen) for _ in range(2000)]
+    prompts = [draw_prompt(NAMES, 0.1, gen) for _ in range(2000)]
     empty = sum(p == "" for p in prompts) / len(prompts)
     assert 0.07 < empty < 0.13
     named = [p for p in prompts if p]
     assert all(p.startswith("a photo, with ") and p.count(",") == 4 for p in named)  # 4 names
     assert len(set(named)) > 60  # random subsets and orders
-    assert tiny_ldm._draw_prompt([], cfg, gen) == ""
-    assert tiny_ldm._draw_prompt(["red_circle"], _cfg(uncond_prob=0.0), gen) == (
+    assert draw_prompt([], 0.1, gen) == ""
+    assert draw_prompt(["red_circle"], 0.0, gen) == (
         "a photo, with red circle in the realistic photo.")
 
 
