@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: env demo demo-inst test benchmark clean
+.PHONY: env demo demo-inst demo-engine test benchmark clean
 
 # The script is idempotent: it returns at once when the pinned environment is already there.
 env:
@@ -14,6 +14,11 @@ demo: env
 # The DiffusionInst main job: the same synthetic set (it has polygon masks), box and mask AP.
 demo-inst: env
 	$(PY) tools/run_main_job.py --config-file configs/diffinst.synthetic.res18.yaml
+
+# DiffusionEngine on the synthetic set: trains a tiny text-to-image LDM, then the adapter, the
+# data engine and real vs real + generated training (docs/diffusion_engine.md).
+demo-engine: env
+	$(PY) tools/run_engine_job.py
 
 # First the import contracts of setup.cfg (lint-imports: which package and layer may import
 # which; a second, so a broken layering shows before the long suite; --no-cache keeps its cache
