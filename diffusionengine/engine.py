@@ -154,15 +154,8 @@ class DataEngine:
     def pipeline(self, scheduler: str, img2img: bool):
         """A diffusers pipeline on the backbone's frozen components (no copy) with a fresh
         ``scheduler`` of the SD folder's schedule."""
-        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
         sd = self.backbone.components
-        cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-        pipe = cls(
-            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-            scheduler=build_scheduler(scheduler, sd.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
+        pipe = sd.pipeline(img2img, build_scheduler(scheduler, sd.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -72,6 +72,19 @@ class SDComponents:
         """The networks (not tokenizer / scheduler), by name."""
         return {"vae": self.vae, "unet": self.unet, "text_encoder": self.text_encoder}
 
+    def pipeline(self, img2img: bool = False, scheduler=None):
+        """A diffusers ``StableDiffusionPipeline`` (``StableDiffusionImg2ImgPipeline`` with
+        ``img2img``) on these very modules (no copy), with ``scheduler`` or the model's own;
+        no safety checker (nothing here is shown to a user as is)."""
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+        cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+        return cls(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=scheduler if scheduler is not None else self.scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+
 
 def _layout_text() -> str:
     return "\n".join(f"    {name:<18} {what}" for name, what in EXPECTED_LAYOUT)

@@ -159,19 +159,7 @@ def save_sd_folder(components: SDComponents, out_dir: str) -> str:
 
     The folder loads with ``diffusionengine.local_sd.load_local_sd(out_dir)``; returns out_dir.
     """
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=components.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    components.pipeline().save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 

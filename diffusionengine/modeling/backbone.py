@@ -46,18 +46,7 @@ GN_GROUPS = 32  # GroupNorm(32) of the paper's ChannelMapper
 def encode_prompt(components: SDComponents, prompt: str) -> torch.Tensor:
     """(1, L, D) text-encoder hidden states of ``prompt``, as the SD pipeline conditions the
     U-Net on it (diffusers' ``StableDiffusionPipeline.encode_prompt``, no guidance)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=components.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = components.pipeline()
     device = next(components.text_encoder.parameters()).device
     with torch.no_grad():
         embeds, _ = pipe.encode_prompt(prompt, device, 1, do_classifier_free_guidance=False)

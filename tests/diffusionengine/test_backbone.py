@@ -77,6 +77,7 @@ def test_extra_levels_and_mapper_alone(sd):
     assert out["p3"].shape == (2, 32, 8, 12) and out["p8"].shape == (2, 32, 1, 1)
 
 
+@pytest.mark.numerics  # same seed, same bits: also under another CPU's kernels
 def test_same_image_same_features_in_any_batch_position(sd):
     bb = backbone(sd)
     a, b = images((64, 96), (64, 96), seed=1)
@@ -185,6 +186,7 @@ def _model(sd_path, *opts):
     return cfg, build_model(cfg)
 
 
+@pytest.mark.numerics  # same seed, same bits: also under another CPU's kernels
 def test_diffusion_parameters_stay_out_of_optimizer_and_checkpoint(tiny_sd2_path, tmp_path):
     cfg, model = _model(tiny_sd2_path)
     sd = model.backbone.components

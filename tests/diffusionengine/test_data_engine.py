@@ -105,6 +105,7 @@ def test_labelling_adds_no_unet_call_and_leaves_the_images_unchanged(engine, str
     assert not np.array_equal(out[0].image, out[1].image)
 
 
+@pytest.mark.numerics  # same seed, same bits: also under another CPU's kernels
 def test_an_image_depends_on_its_seed_not_on_its_batch(engine):
     seeds = [generation_seed(5, i) for i in range(4)]
     together = engine.generate(PROMPTS * 2, seeds=seeds, steps=3, size=SIZE)
@@ -157,6 +158,7 @@ def _files(folder):
     }  # fmt: skip
 
 
+@pytest.mark.numerics  # same seed, same bits: also under another CPU's kernels
 def test_same_seed_same_bytes_and_resume_equals_one_shot(adapter, tmp_path):
     assert _cli(adapter, tmp_path / "a", "--num-images", "4") == 0
     assert _cli(adapter, tmp_path / "b", "--num-images", "4") == 0
@@ -238,6 +240,7 @@ def test_label_keys_set_the_labelling_rules(adapter, key, value, fewer):
     assert fewer(base, labels(key, value)), (key, base)
 
 
+@pytest.mark.numerics  # same seed, same bits: also under another CPU's kernels
 def test_the_generations_last_call_tap_equals_the_backbones_tap_on_its_latents_and_t(engine):
     """The labels of a generated image come from its last U-Net call under CFG (the conditional
     half); the adapter was trained on the backbone's own U-Net pass. On the latents and t that

@@ -41,6 +41,7 @@ def _assert_same(a: dict, b: dict):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
 
+@pytest.mark.numerics  # same seed, same bits: also under another CPU's kernels
 def test_losses_finite_and_run_is_seeded(tmp_path):
     data = _data()
     cfg = _cfg(vae_steps=6, vae_lr=3e-3)
@@ -59,6 +60,7 @@ def test_losses_finite_and_run_is_seeded(tmp_path):
     assert not torch.equal(other["unet.conv_in.weight"], _weights(str(tmp_path / "a"))["unet.conv_in.weight"])
 
 
+@pytest.mark.numerics  # same seed, same bits: also under another CPU's kernels
 @pytest.mark.parametrize("stop_after", [2, 4])  # at the stage boundary, inside the U-Net stage
 def test_kill_and_resume_equals_one_shot(tmp_path, stop_after):
     data, cfg = _data(), _cfg(vae_steps=2, unet_steps=3, checkpoint_period=1)
