@@ -12,10 +12,10 @@ import argparse
 import logging
 import sys
 
-from . import annotations, config_weights, distributed, evaluation, images, training
+from . import annotations, config_weights, diffusioninst, distributed, evaluation, images, training
 from .common import run_case, select, summary_line
 
-MODULES = (images, annotations, config_weights, training, distributed, evaluation)
+MODULES = (images, annotations, config_weights, training, distributed, evaluation, diffusioninst)
 
 
 def all_cases():

@@ -98,7 +98,7 @@ def register_synthetic_crowd(
             path = generate_synthetic_crowd(
                 _synthetic_dir(root), split=split, num_images=num_images, seed=SYNTHETIC_CROWD_SEED
             )
-            return load_coco_json(path, _split_paths(root, split)[1], dataset_name=name)
+            return load_coco_json(path, _split_paths(root, split)[1], dataset_name=name, extra_annotation_keys=["id"])
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(

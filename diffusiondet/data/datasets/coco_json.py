@@ -226,7 +226,8 @@ def register_coco_json(
         if _CHECKED.get(os.path.abspath(json_file)) != _file_stamp(json_file):
             check_coco_dict(_read_json(json_file), json_file, allow_outside_root)
             _CHECKED[os.path.abspath(json_file)] = _file_stamp(json_file)
-        return load_coco_json(json_file, image_root, dataset_name=name)
+        # "id" too: a training-time skip of a bad mask names its annotation, not just the image.
+        return load_coco_json(json_file, image_root, dataset_name=name, extra_annotation_keys=["id"])
 
     DatasetCatalog.register(name, load)
     MetadataCatalog.get(name).set(
