@@ -99,8 +99,6 @@ class StopOnSignal(HookBase):
         self.received = signum
 
     def before_train(self):
-        # Before the first step creates the loader workers: forked workers inherit this handler,
-        # so a signal to the whole process group does not kill them under the running step.
         if _in_main_thread():
             self._previous = {s: signal.signal(s, self._record) for s in self.signals}
 
@@ -155,11 +153,12 @@ def forward_stop_signals(signals=STOP_SIGNALS):
 @contextlib.contextmanager
 def stop_signals_abort(what: str, signals=STOP_SIGNALS):
     """Within the block, a stop signal raises :class:`EvaluationStopped` naming ``what`` and
-    saying that its results are lost. No-op outside the main thread, or when a handler other
-    than the defaults is installed (training's :class:`StopOnSignal`: it stops after the
-    evaluation, which then completes)."""
+    saying that its results are lost. No-op outside the main thread, or when a training's
+    :class:`StopOnSignal` handles the signal (the run stops after the evaluation, which then
+    completes); any other handler is replaced within the block, then restored."""
     installed = {s: signal.getsignal(s) for s in signals}
-    if not _in_main_thread() or any(h not in (signal.SIG_DFL, None) for h in installed.values()):
+    training = any(isinstance(getattr(h, "__self__", None), StopOnSignal) for h in installed.values())
+    if not _in_main_thread() or training:
         yield
         return
 

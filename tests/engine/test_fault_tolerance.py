@@ -272,9 +272,16 @@ def test_dist_timeout_reaches_launch(monkeypatch):
     spec = importlib.util.spec_from_file_location("train_net_under_test", path)
     train_net = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_net)
-    calls = []
+    calls, forwarded = [], []
     monkeypatch.setattr(train_net, "launch", lambda *args, **kwargs: calls.append(kwargs))
+    # The launcher of several processes forwards SIGTERM to its ranks (recorded here, not
+    # installed: the handler would outlive the test in this process).
+    monkeypatch.setattr(train_net, "forward_stop_signals", lambda: forwarded.append(True))
     for argv, timeout in [([], timedelta(minutes=30)), (["--dist-timeout", "0.5"], timedelta(seconds=30))]:
         monkeypatch.setattr(sys, "argv", ["train_net.py", "--num-gpus", "2", *argv])
         train_net.invoke_main()
         assert calls[-1]["timeout"] == timeout
+    assert forwarded == [True, True]
+    monkeypatch.setattr(sys, "argv", ["train_net.py", "--num-gpus", "1"])
+    train_net.invoke_main()
+    assert forwarded == [True, True]  # one process: its trainer handles the signal itself
