@@ -9,13 +9,14 @@ from datetime import timedelta
 
 from torch.multiprocessing import ProcessExitedException
 
-from detectron2.engine import default_setup, launch
+from detectron2.engine import default_setup, hooks, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from diffusiondet.engine import DiffusionDetCheckpointer, Trainer, argument_parser, load_model_weights
 from diffusiondet.engine.stop_signal import forward_stop_signals
+from diffusiondet.test_time_augmentation import evaluate_with_tta
 from diffusionengine import build_config  # DiffusionDet, DiffusionInst and DiffusionEngine configs alike
 
 
@@ -39,10 +40,14 @@ def main(args):
         else:  # evaluating a random model is an error, not an AP of 0
             load_model_weights(model, cfg)
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:  # also with test-time augmentation (docs/tta.md), keys "<task>_TTA"
+            res.update(evaluate_with_tta(cfg, model))
         verify_results(cfg, res)
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:  # after the last iteration, as detectron2's train_net.py
+        trainer.register_hooks([hooks.EvalHook(0, lambda: evaluate_with_tta(cfg, trainer.model))])
     return trainer.train()
 
 
