@@ -17,6 +17,7 @@ from detectron2.config import CfgNode as CN
 
 from .diffusion import PADDING_STRATEGIES
 from .backbone_config import add_backbone_config, backbone_config_errors
+from .training_extras_config import add_training_extras_config, training_extras_config_errors
 from .options import ENSEMBLE_MODES, INFERENCE_AMP_DTYPES, SAMPLER_UPDATES, SAMPLING_MODES
 from .config_extensions import register_config_extension, resolve_config_extensions
 
@@ -148,6 +149,7 @@ def add_diffusiondet_config(cfg):
     cfg.SOLVER.MAX_NONFINITE_STEPS = 10
 
     add_backbone_config(cfg)  # MODEL.SWIN and MODEL.TIMM
+    add_training_extras_config(cfg)  # MODEL_EMA, accumulation, checkpoint retention, TTA
 
     # Load MODEL.WEIGHTS (and resumed checkpoints) with full pickle: .pkl and .pth files may then
     # run code. False (default): .pkl files go through an unpickler that admits only data, .pth
@@ -440,6 +442,7 @@ def validate_diffusiondet_config(cfg):
         ),
     ]
     errors = [msg for ok, msg in checks if not ok] + backbone_config_errors(cfg)
+    errors += training_extras_config_errors(cfg)
     errors += _train_repeat_factor_errors(cfg)
     memory = _inference_memory_error(cfg)  # after the checks of the values it reads
     if memory:

@@ -124,6 +124,14 @@ def test_official_diffusioninst_head_size():
         (["SOLVER.BACKBONE_MULTIPLIER", -1.0], r"SOLVER.BACKBONE_MULTIPLIER must be >= 0, got -1.0"),
         (["INPUT.CROP.PRE_CROP_MIN_SIZES", (400, 0)], r"INPUT.CROP.PRE_CROP_MIN_SIZES must be one or more sizes >= 1, got \(400, 0\)"),
         (["INPUT.CROP.PRE_CROP_MIN_SIZES", ()], r"INPUT.CROP.PRE_CROP_MIN_SIZES must be one or more sizes >= 1, got \(\)"),
+        (["MODEL_EMA.DECAY", 1.0], r"MODEL_EMA.DECAY must be in \[0, 1\), got 1.0"),
+        (["MODEL_EMA.DEVICE", "gpu0"], r"MODEL_EMA.DEVICE must be '', 'cpu' or a cuda device, got 'gpu0'"),
+        (["SOLVER.ACCUMULATE_STEPS", 0], r"SOLVER.ACCUMULATE_STEPS must be >= 1, got 0"),
+        (["SOLVER.CHECKPOINT_MAX_KEEP", -1], r"SOLVER.CHECKPOINT_MAX_KEEP must be >= 0 \(0 keeps all\), got -1"),
+        (["TEST.AUG.MERGE", "vote"], r"TEST.AUG.MERGE must be one of \('soft_vote', 'nms', 'wbf'\), got 'vote'"),
+        # The synthetic config inherits the official 13 sizes with 13 ranges.
+        (["TEST.AUG.MIN_SIZES", (160, 200)], r"TEST.AUG.SCALE_RANGES has 13 \(low, high\) pairs but TEST.AUG.MIN_SIZES has 2"),
+        (["TEST.AUG.MIN_SIZES", (160,), "TEST.AUG.SCALE_RANGES", [[50, 10]]], r"TEST.AUG.SCALE_RANGES\[0\] must be \(low, high\) with 0 <= low < high, got \[50, 10\]"),
     ],
 )
 def test_invalid_values_fail_clearly(opts, message):
