@@ -14,6 +14,13 @@ noise): the same command on the same machine prints the same table and writes bi
 weights. --seeds S1 S2 ... trains once per seed (OUTPUT_DIR/seed_S) and prints the table as
 mean ± std over the seeds.
 
+Beside ap_table.json, OUTPUT_DIR gets ap_vs_steps_boxes.png (AP against steps, one line per
+boxes value; with --seeds also in the base OUTPUT_DIR, with mean ± std bands) and
+predictions.png (the first 6 validation images with the detections of the row of highest AP,
+score >= 0.3, masks too for DiffusionInst). On a terminal, data generation, training, each
+evaluation and the sweep show progress bars with an ETA on stderr (DIFFUSIONDET_PROGRESS=1 / 0
+forces them on / off; diffusiondet/utils/progress.py).
+
 Training resumes from the last checkpoint in OUTPUT_DIR, so a second run only re-evaluates
 (pass --retrain to start over). --output-dir and --max-iter set OUTPUT_DIR and SOLVER.MAX_ITER;
 --num-images uses the first TRAIN / VAL images of the synthetic set instead of all 600 / 100
@@ -24,19 +31,17 @@ overfitting check on real data, e.g. tiny-coco with configs/diffinst.tiny_coco.r
 """
 import argparse
 import json
-import logging
 import os
 import shutil
-import statistics
 import time
 
 from detectron2.utils.logger import setup_logger
 
 from diffusiondet.data.datasets import datasets_root, ensure_synthetic_crowd, register_synthetic_crowd
-from diffusiondet.engine import Trainer, load_model_weights
+from diffusiondet.tooling.main_job import evaluate, format_table, merge_seed_rows, train
+from diffusiondet.tooling.main_job_figures import best_row, write_ap_figure, write_predictions_figure
+from diffusiondet.utils.progress import progress_bar
 from diffusionengine import build_config  # DiffusionDet, DiffusionInst and DiffusionEngine configs alike
-
-logger = logging.getLogger("diffusiondet.main_job")
 
 
 def parse_args():
@@ -70,55 +75,6 @@ def data_selection(num_images):
     return root, splits, ["DATASETS.TRAIN", (train,), "DATASETS.TEST", (val,)]
 
 
-def train(cfg):
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=True)
-    if trainer.start_iter >= cfg.SOLVER.MAX_ITER:
-        logger.info("Training already finished in %s; evaluating only", cfg.OUTPUT_DIR)
-    else:
-        trainer.train()
-    return os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-
-
-def evaluate(config_file, opts, weights, steps, boxes):
-    """AP of ``weights`` at (steps, boxes); the sampling noise of each image comes from (SEED,
-    image id), so the row does not depend on the batch size or on the rows before it."""
-    cfg = build_config(config_file, opts, steps=steps, boxes=boxes)
-    cfg.MODEL.WEIGHTS = weights
-    cfg.freeze()
-    model = Trainer.build_model(cfg)
-    load_model_weights(model, cfg)  # safe unpickling, architecture, shapes, finite values
-    start = time.perf_counter()
-    results = Trainer.test(cfg, model)
-    elapsed = time.perf_counter() - start
-    results = next(iter(results.values())) if "bbox" not in results else results
-    bbox = results["bbox"]
-    row = {"steps": steps, "boxes": boxes, "AP": bbox["AP"], "AP50": bbox["AP50"], "AP75": bbox["AP75"]}
-    if "segm" in results:
-        row.update({"mask AP": results["segm"]["AP"], "mask AP50": results["segm"]["AP50"]})
-    return row, elapsed
-
-
-METRICS = ("AP", "AP50", "AP75", "mask AP", "mask AP50")
-
-
-def format_table(rows):
-    """Markdown AP table; a cell is "x.x", or "mean ± std" where a row holds per-seed lists."""
-    metrics = [m for m in METRICS if m in rows[0]]
-    lines = ["| steps | boxes | " + " | ".join(metrics) + " |", "|---:" * (2 + len(metrics)) + "|"]
-    for r in rows:
-        cells = [_cell(r[m]) for m in metrics]
-        lines.append(f"| {r['steps']} | {r['boxes']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _cell(value):
-    if isinstance(value, list):
-        spread = statistics.stdev(value) if len(value) > 1 else 0.0
-        return f"{statistics.mean(value):.1f} ± {spread:.1f}"
-    return f"{value:.1f}"
-
-
 def run_one(args, opts, root, splits, uses_synthetic):
     """Data, training and the (steps, boxes) evaluations of one config; returns (cfg, rows, seconds)."""
     cfg = build_config(args.config_file, opts)
@@ -134,15 +90,28 @@ def run_one(args, opts, root, splits, uses_synthetic):
     weights = train(cfg)
     seconds = {"data_and_training": time.perf_counter() - start, "evaluation": []}
     rows = []
-    for s in args.steps:
-        for b in args.boxes:
-            row, elapsed = evaluate(args.config_file, opts, weights, s, b)
-            rows.append(row)
-            seconds["evaluation"].append(elapsed)
+    pairs = [(s, b) for s in args.steps for b in args.boxes]
+    for s, b in progress_bar(pairs, desc="(steps, boxes) sweep", unit="row"):
+        row, elapsed = evaluate(build_config(args.config_file, opts, steps=s, boxes=b), weights)
+        rows.append(row)
+        seconds["evaluation"].append(elapsed)
+    start = time.perf_counter()
+    write_figures(args, opts, cfg, weights, rows)
+    seconds["figures"] = time.perf_counter() - start
     # The table is a function of SEED; the timings are not, so they are kept apart.
     with open(os.path.join(cfg.OUTPUT_DIR, "ap_table.json"), "w") as f:
         json.dump({"seed": cfg.SEED, "rows": rows, "seconds": seconds}, f, indent=2)
     return cfg, rows, seconds
+
+
+def write_figures(args, opts, cfg, weights, rows):
+    """OUTPUT_DIR/ap_vs_steps_boxes.png, and OUTPUT_DIR/predictions.png: the first validation
+    images with the detections of the best row (diffusiondet/tooling/main_job_figures.py)."""
+    name = f"{cfg.MODEL.META_ARCHITECTURE} on {cfg.DATASETS.TEST[0]}, SEED {cfg.SEED}"
+    write_ap_figure(rows, os.path.join(cfg.OUTPUT_DIR, "ap_vs_steps_boxes.png"), name)
+    best = best_row(rows)
+    best_cfg = build_config(args.config_file, opts, steps=best["steps"], boxes=best["boxes"])
+    write_predictions_figure(best_cfg, weights, os.path.join(cfg.OUTPUT_DIR, "predictions.png"), ap=best["AP"])
 
 
 def main():
@@ -171,10 +140,12 @@ def main():
         seed_opts = opts + ["SEED", seed, "OUTPUT_DIR", os.path.join(base_dir, f"seed_{seed}")]
         cfg, rows, seconds = run_one(args, seed_opts, root, splits, uses_synthetic)
         per_seed.append(rows)
-    merged = [{**first, **{m: [rows[i][m] for rows in per_seed] for m in METRICS if m in first}}
-              for i, first in enumerate(per_seed[0])]
+    merged = merge_seed_rows(per_seed)
     with open(os.path.join(base_dir, "ap_table_seeds.json"), "w") as f:
         json.dump({"seeds": args.seeds, "rows": merged}, f, indent=2)
+    write_ap_figure(merged, os.path.join(base_dir, "ap_vs_steps_boxes.png"),
+                    f"{cfg.MODEL.META_ARCHITECTURE} on {cfg.DATASETS.TEST[0]}, mean \u00b1 std over "
+                    f"{len(args.seeds)} seeds")
     print(f"\n{cfg.MODEL.META_ARCHITECTURE} on {cfg.DATASETS.TEST[0]} ({args.config_file}), "
           f"mean ± std over SEED {' '.join(map(str, args.seeds))}\n")
     print(format_table(merged))
