@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import cv2
 import pytest
 import torch
 from pycocotools.coco import COCO
@@ -113,6 +114,11 @@ def test_run_main_job_trains_evaluates_and_writes_the_ap_table(tmp_path):
         for key in ("AP", "AP50", "AP75"):
             assert math.isfinite(float(p[key])) and p[key] == f"{r[key]:.1f}", (p, r)
     assert "Data + training:" in stdout and "evaluation per row:" in stdout
+    # The two pictures beside the table (what they show: tests/test_main_job_figures.py).
+    assert table["seconds"]["figures"] > 0
+    for name in ("predictions.png", "ap_vs_steps_boxes.png"):
+        image = cv2.imread(str(out / name))
+        assert image is not None and image.std() > 10, name
 
 
 def _main_job(tmp_path, out, *args):
@@ -155,6 +161,9 @@ def test_main_job_over_seeds_prints_mean_and_std_of_the_seed_runs(tmp_path):
         for key in ("AP", "AP50", "AP75"):
             mean, std = (one[key] + two[key]) / 2, abs(one[key] - two[key]) / math.sqrt(2)
             assert p[key] == f"{mean:.1f} ± {std:.1f}", (p, one, two)
+    # The AP curve with its mean ± std band over the seeds; each seed's detections in its folder.
+    for path in ("ap_vs_steps_boxes.png", "seed_1/predictions.png", "seed_2/ap_vs_steps_boxes.png"):
+        assert cv2.imread(str(tmp_path / "s" / path)) is not None, path
 
 
 def check_training_line(stdout):
