@@ -35,10 +35,10 @@ def main(args):
         checkpointer = DiffusionDetCheckpointer(
             model, save_dir=cfg.OUTPUT_DIR, trust_code=cfg.MODEL.TRUST_WEIGHTS
         )
-        if args.resume and checkpointer.has_checkpoint():
-            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
-        else:  # evaluating a random model is an error, not an AP of 0
-            load_model_weights(model, cfg)
+        last = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else None
+        # Evaluating a random model is an error, not an AP of 0. MODEL_EMA.ENABLED: the file's
+        # EMA weights (ema_state) are evaluated; the log says which weights were loaded.
+        load_model_weights(model, cfg, last)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:  # also with test-time augmentation (docs/tta.md), keys "<task>_TTA"
             res.update(evaluate_with_tta(cfg, model))

@@ -318,9 +318,11 @@ def _is_class_layer(key: str) -> bool:
     return any(layer in key for layer in CLASS_DEPENDENT_LAYERS)
 
 
-def load_model_weights(model, cfg, path=None) -> None:
+def load_model_weights(model, cfg, path=None, ema=None) -> None:
     """Load ``path`` (default ``cfg.MODEL.WEIGHTS``) into ``model`` for inference, with the checks
     of training (safe unpickling unless MODEL.TRUST_WEIGHTS, architecture, shapes, finite values).
+    ``ema`` (default ``cfg.MODEL_EMA.ENABLED``): load the file's EMA weights (``ema_state``; an
+    error naming the file when it has none) instead of its raw ``model`` weights (ema.py).
 
     The tools that evaluate or run a model (train_net.py --eval-only, demo.py, sweep.py,
     run_main_job.py) load through here: without weights, a randomly initialised model would
@@ -331,4 +333,10 @@ def load_model_weights(model, cfg, path=None) -> None:
             "MODEL.WEIGHTS is empty: inference needs trained weights (MODEL.WEIGHTS path/to/model.pth);"
             " a randomly initialised model would be evaluated"
         )
+    use_ema = cfg.MODEL_EMA.ENABLED if ema is None else ema
+    if use_ema:
+        from .ema import load_ema_weights  # ema.py imports this module at its top
+
+        return load_ema_weights(model, path, trust_code=cfg.MODEL.TRUST_WEIGHTS)
     DiffusionDetCheckpointer(model, trust_code=cfg.MODEL.TRUST_WEIGHTS).load(path)
+    logger.info("Loaded the raw weights (model) of %s", path)

@@ -17,6 +17,7 @@ from ..utils.rng_state import capture_rng_state, preserved_rng_state, restore_rn
 from ..evaluation import ClassMappingEvaluator, CrowdHumanEvaluator, parse_class_mapping
 from ..evaluation.lvis_compat import ensure_lvis_numpy_compat
 from .checkpoint import DiffusionDetCheckpointer
+from .ema import add_model_ema
 from .output_check import check_writable_dir
 from .optimizer import build_optimizer
 from .stop_signal import StopOnSignal, stop_signals_abort
@@ -87,6 +88,8 @@ class Trainer(DefaultTrainer):
         # collectives everywhere): SIGTERM -> checkpoint and stop (stop_signal.py).
         at = next((i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook)), len(hook_list))
         hook_list.insert(at, StopOnSignal(self.checkpointer))
+        # MODEL_EMA.ENABLED: averaged after each step, checkpointed, evaluated (ema.py); else None.
+        self.model_ema = add_model_ema(self.cfg, self.model, self.checkpointer, hook_list)
         return hook_list
 
     def run_state(self) -> dict:
