@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate one model without test-time augmentation and with it under each merge (docs/tta.md).
 
-    python tools/compare_tta.py --config-file configs/diffdet.synthetic.res18.yaml \
+    python tools/compare_tta.py --config-file configs/diffdet.synthetic.res18.yaml --steps 4 --boxes 300 \
         --output-dir output/compare_tta MODEL.WEIGHTS output/synthetic_res18/model_final.pth \
         TEST.AUG.MIN_SIZES "(128, 160, 192, 224)" TEST.AUG.MAX_SIZE 448 TEST.AUG.SCALE_FILTER False
 
@@ -34,6 +34,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--merges", nargs="+", default=["nms", "soft_vote", "wbf"], choices=MERGES)
+    parser.add_argument("--steps", type=int, default=None, help="MODEL.DiffusionDet.SAMPLE_STEP")
+    parser.add_argument("--boxes", type=int, default=None, help="MODEL.DiffusionDet.EVAL_NUM_PROPOSALS")
     parser.add_argument("--dataset", default="", help="default: the first of DATASETS.TEST")
     parser.add_argument("--output-dir", default="output/compare_tta")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... (MODEL.WEIGHTS)")
@@ -77,7 +79,7 @@ def markdown_table(rows: list) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger(name="diffusiondet")
-    cfg = build_config(args.config_file, args.opts)
+    cfg = build_config(args.config_file, args.opts, steps=args.steps, boxes=args.boxes)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     model = Trainer.build_model(cfg).eval()
     load_model_weights(model, cfg)  # an error without weights, or with weights that do not fit

@@ -120,7 +120,9 @@ def test_compare_tta_prints_one_row_per_run(dataset, model, tmp_path, capsys):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     opts = [*TINY_OPTS, *COMMON, *AUG, "MODEL.WEIGHTS", weights]
-    assert tool.main(["--config-file", CONFIG, "--output-dir", str(tmp_path), *map(str, opts)]) == 0
+    # --boxes 7: every run samples 7 boxes per view, so no image has more than 7 detections.
+    argv = ["--config-file", CONFIG, "--boxes", "7", "--output-dir", str(tmp_path), *map(str, opts)]
+    assert tool.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()[-6:]
     assert lines[0] == "| run | views | bbox AP | bbox AP50 | s / image |"
     assert [line.split(" | ")[:2] for line in lines[2:]] == [
@@ -128,5 +130,10 @@ def test_compare_tta_prints_one_row_per_run(dataset, model, tmp_path, capsys):
     ]
     saved = json.load(open(tmp_path / "tta_comparison.json"))
     assert saved["num_images"] == 3 and all(row["seconds_per_image"] > 0 for row in saved["rows"])
-    for name in ("no_tta/inference", "tta_nms/inference_TTA", "tta_wbf/inference_TTA"):
-        assert os.path.exists(tmp_path / name / DATASET / "coco_instances_results.json")
+    runs = {}
+    for name in ["no_tta/inference"] + [f"tta_{m}/inference_TTA" for m in ("nms", "soft_vote", "wbf")]:
+        runs[name] = json.load(open(tmp_path / name / DATASET / "coco_instances_results.json"))
+        per_image = [sum(d["image_id"] == i for d in runs[name]) for i in (1, 2, 3)]
+        assert 0 < max(per_image) <= 7, (name, per_image)
+    # Each run merged its own way: four different sets of detections.
+    assert len({json.dumps(found, sort_keys=True) for found in runs.values()}) == 4
