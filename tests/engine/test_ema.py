@@ -97,12 +97,13 @@ def test_ema_state_of_another_model_is_refused():
 
 
 def test_ema_device_follows_model_ema_device(monkeypatch):
-    devices = []
-    real = ema_module.AveragedModel
-    monkeypatch.setattr(ema_module, "AveragedModel", lambda m, device, **kw: devices.append(device) or real(m, device, **kw))
-    ModelEMA(_Tiny(), 0.9, device="")  # the model's
-    ModelEMA(_Tiny(), 0.9, device="cpu")
-    assert devices == [torch.device("cpu"), torch.device("cpu")]
+    devices, real = [], ema_module.AveragedModel
+    # Records the device asked for; the copy itself stays where the model is (no data on "meta").
+    monkeypatch.setattr(ema_module, "AveragedModel", lambda m, device, **kw: devices.append(device) or real(m, **kw))
+    ModelEMA(_Tiny().to("meta"), 0.9, device="")  # the model's
+    ModelEMA(_Tiny().to("meta"), 0.9, device="cpu")
+    assert devices == [torch.device("meta"), torch.device("cpu")]
+    monkeypatch.undo()
     if torch.cuda.is_available():  # the use of MODEL_EMA.DEVICE "cpu": the average off the GPU
         model = _Tiny().fill(1.0).cuda()
         ema = ModelEMA(model, 0.5, device="cpu")
@@ -154,7 +155,7 @@ def _yolox(s):
 def _train(cfg, resume=False, interrupt_after=None, extra_hooks=(), loss_hook=None):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=resume)
-    trainer.register_hooks(list(extra_hooks) + ([_Interrupt(interrupt_after)] if interrupt_after is not None else []))
+    trainer.register_hooks([*extra_hooks, *([_Interrupt(interrupt_after)] if interrupt_after is not None else [])])
     if loss_hook is not None:
         trainer.loss_hook = loss_hook
     try:
