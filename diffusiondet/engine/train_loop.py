@@ -10,6 +10,8 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from .accumulation import mean_loss_dict, micro_step_sync
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,16 +37,21 @@ class SkipNonFiniteTrainer(SimpleTrainer):
     ``max_nonfinite_steps`` in a row (a diverged model, not a bad batch) stop training with
     FloatingPointError naming SOLVER.MAX_NONFINITE_STEPS.
 
+    A step takes ``accumulate_steps`` (SOLVER.ACCUMULATE_STEPS) micro-batches, each loss scaled
+    by 1/k, the gradients summed (all-reduced in the last micro-step only, accumulation.py); a
+    non-finite loss in any micro-batch, or a non-finite gradient of the sum, skips the whole step.
+
     ``loss_hook`` is a test hook (None in normal runs): ``loss_hook(iteration, loss_dict)`` is
-    called after the forward pass and returns the loss dict to use. The fault drill and the tests
-    inject NaN losses through it (set it through ``Trainer.loss_hook``).
-    Unlike SimpleTrainer, gradients are always zeroed before backward and metrics are written
-    synchronously (DefaultTrainer uses neither option).
+    called after each micro-batch's forward pass and returns the loss dict to use. The fault drill
+    and the tests inject NaN losses through it (set it through ``Trainer.loss_hook``).
+    Unlike SimpleTrainer, gradients are always zeroed before the first forward and metrics are
+    written synchronously (DefaultTrainer uses neither option).
     """
 
-    def __init__(self, model, data_loader, optimizer, max_nonfinite_steps: int = 10):
+    def __init__(self, model, data_loader, optimizer, max_nonfinite_steps: int = 10, accumulate_steps: int = 1):
         super().__init__(model, data_loader, optimizer)
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.accumulate_steps = accumulate_steps
         self.loss_hook = None
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
@@ -54,27 +61,33 @@ class SkipNonFiniteTrainer(SimpleTrainer):
 
     def run_step(self):
         assert self.model.training, "[SkipNonFiniteTrainer] model was changed to eval mode!"
-        start = time.perf_counter()
-        data = next(self._data_loader_iter)
-        self.batches_consumed += 1
-        data_time = time.perf_counter() - start
-
-        loss_dict = self.model(data)
-        if isinstance(loss_dict, torch.Tensor):
-            loss_dict = {"total_loss": loss_dict}
-        if self.loss_hook is not None:
-            loss_dict = self.loss_hook(self.iter, loss_dict)
-        losses = sum(loss_dict.values())
-        bad = {k: v.detach() for k, v in loss_dict.items() if not torch.isfinite(v).all()}
-        if not bad and not torch.isfinite(losses):
-            bad = {"sum of the losses": losses.detach()}  # finite terms that overflow together
-        ranks = ranks_with_nonfinite(bool(bad), losses.device)
+        k = self.accumulate_steps
         self.optimizer.zero_grad()
-        if ranks:
-            # No backward either: every rank skips it, so DDP's all-reduces stay matched.
-            self._skip(bad, ranks)
-            return
-        losses.backward()
+        loss_dicts, data_time = [], 0.0
+        for micro in range(k):
+            start = time.perf_counter()
+            data = next(self._data_loader_iter)
+            self.batches_consumed += 1
+            data_time += time.perf_counter() - start
+            with micro_step_sync(self.model, last=micro == k - 1):
+                loss_dict = self.model(data)
+                if isinstance(loss_dict, torch.Tensor):
+                    loss_dict = {"total_loss": loss_dict}
+                if self.loss_hook is not None:
+                    loss_dict = self.loss_hook(self.iter, loss_dict)
+                losses = sum(loss_dict.values())
+                bad = {name: v.detach() for name, v in loss_dict.items() if not torch.isfinite(v).all()}
+                if not bad and not torch.isfinite(losses):
+                    bad = {"sum of the losses": losses.detach()}  # finite terms that overflow together
+                ranks = ranks_with_nonfinite(bool(bad), losses.device)
+                if ranks:
+                    # No backward either: every rank skips it, so DDP's all-reduces stay matched.
+                    self.optimizer.zero_grad()  # earlier micro-batches' gradients
+                    self._drop_batches(k - 1 - micro)
+                    self._skip(bad, ranks)
+                    return
+                (losses / k if k > 1 else losses).backward()
+            loss_dicts.append({name: v.detach() for name, v in loss_dict.items()})
         self.after_backward()
         # One number for all gradients; NaN/inf when any gradient is (or when their norm
         # overflows, which a step would not survive either). Every rank takes the same decision.
@@ -86,9 +99,16 @@ class SkipNonFiniteTrainer(SimpleTrainer):
             self._skip({"gradient norm": grad_norm.detach()}, ranks, kind="gradient")
             return
         self._nonfinite_in_a_row = 0
-        self._write_metrics(loss_dict, data_time)
+        self._write_metrics(mean_loss_dict(loss_dicts), data_time)
         get_event_storage().put_scalar("nonfinite_steps", self.nonfinite_steps, smoothing_hint=False)
         self.optimizer.step()
+
+    def _drop_batches(self, count: int) -> None:
+        """Take the rest of a skipped step's micro-batches from the loader, unused: iteration i
+        always uses batches k*i .. k*i + k - 1, whatever was skipped before."""
+        for _ in range(count):
+            next(self._data_loader_iter)
+            self.batches_consumed += 1
 
     def _skip(self, bad, ranks, kind="loss"):
         self.nonfinite_steps += 1

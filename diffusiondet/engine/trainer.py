@@ -16,6 +16,7 @@ from ..data.resumable_loader import build_resumable_train_loader, set_loader_pos
 from ..utils.rng_state import capture_rng_state, preserved_rng_state, restore_rng_state
 from ..evaluation import ClassMappingEvaluator, CrowdHumanEvaluator, parse_class_mapping
 from ..evaluation.lvis_compat import ensure_lvis_numpy_compat
+from .accumulation import AccumulatingAMPTrainer
 from .checkpoint import DiffusionDetCheckpointer
 from .ema import add_model_ema
 from .output_check import check_writable_dir
@@ -67,10 +68,13 @@ class Trainer(DefaultTrainer):
         step = self._trainer
         if type(step) is SimpleTrainer:
             self._trainer = SkipNonFiniteTrainer(
-                step.model, step.data_loader, step.optimizer, self.cfg.SOLVER.MAX_NONFINITE_STEPS
+                step.model, step.data_loader, step.optimizer, self.cfg.SOLVER.MAX_NONFINITE_STEPS,
+                accumulate_steps=self.cfg.SOLVER.ACCUMULATE_STEPS,
             )
         else:  # AMPTrainer: its GradScaler skips inf gradients; a NaN loss stops it as in detectron2
             logger.info("SOLVER.MAX_NONFINITE_STEPS is not used by %s", type(step).__name__)
+            if self.cfg.SOLVER.ACCUMULATE_STEPS > 1:
+                self._trainer = AccumulatingAMPTrainer.from_amp_trainer(step, self.cfg.SOLVER.ACCUMULATE_STEPS)
         self.checkpointer = DiffusionDetCheckpointer(
             step.model, self.cfg.OUTPUT_DIR, trust_code=self.cfg.MODEL.TRUST_WEIGHTS,
             trainer=weakref.proxy(self),
