@@ -18,6 +18,7 @@ from ..evaluation import ClassMappingEvaluator, CrowdHumanEvaluator, parse_class
 from ..evaluation.lvis_compat import ensure_lvis_numpy_compat
 from .accumulation import AccumulatingAMPTrainer
 from .checkpoint import DiffusionDetCheckpointer
+from .checkpoint_retention import periodic_checkpointer
 from .ema import add_model_ema
 from .output_check import check_writable_dir
 from .optimizer import build_optimizer
@@ -80,14 +81,18 @@ class Trainer(DefaultTrainer):
             trainer=weakref.proxy(self),
         )
         self.checkpointer.collect_state = self.run_state
-        hook_list = super().build_hooks()
+        # SOLVER.CHECKPOINT_MAX_KEEP, and no periodic duplicate of model_final (checkpoint_retention.py).
+        hook_list = [
+            periodic_checkpointer(self.checkpointer, self.cfg) if isinstance(h, hooks.PeriodicCheckpointer) else h
+            for h in super().build_hooks()
+        ]
         if not comm.is_main_process():
             # detectron2 checkpoints from the main process only, but gathering the RNG states
             # of every rank is a collective: the other ranks get the same hook (their
             # checkpointer writes nothing), before the evaluation hook as on the main process,
             # so that every rank enters the collectives in the same order.
             at = next((i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook)), len(hook_list))
-            hook_list.insert(at, hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+            hook_list.insert(at, periodic_checkpointer(self.checkpointer, self.cfg))
         # Every rank, after the checkpointer and before the evaluation hook (the same order of
         # collectives everywhere): SIGTERM -> checkpoint and stop (stop_signal.py).
         at = next((i for i, h in enumerate(hook_list) if isinstance(h, hooks.EvalHook)), len(hook_list))
