@@ -33,12 +33,14 @@ def add_training_extras_config(cfg):
     # averages follow the weights; --resume restores s ("ema_num_updates").
     cfg.MODEL_EMA.YOLOX = False
 
-    # Micro-batches per optimizer step: each iteration takes this many SOLVER.IMS_PER_BATCH
-    # batches, sums their box-normalised gradients, and steps once. MAX_ITER, STEPS,
-    # CHECKPOINT_PERIOD, EVAL_PERIOD and the logged iteration all count optimizer steps.
+    # Micro-batches per optimizer step (docs/training_extras.md): each iteration takes this many
+    # SOLVER.IMS_PER_BATCH batches, each normalised by its own positives and scaled by 1/k, sums
+    # their gradients and steps once (the step of k times the processes; also with AMP).
+    # MAX_ITER, STEPS, CHECKPOINT_PERIOD, EVAL_PERIOD and the logged iteration count optimizer steps.
     cfg.SOLVER.ACCUMULATE_STEPS = 1
-    # Periodic checkpoints (model_<iter>.pth) kept on disk, newest first; 0 keeps all (detectron2).
-    # model_final.pth is never duplicated by a periodic file of the same iteration.
+    # Periodic checkpoints (model_<iter>.pth) kept on disk, the newest ones; 0 keeps all
+    # (detectron2). model_final.pth is never deleted nor duplicated by a periodic file of the same
+    # iteration; a resumed run also counts the earlier files, the SIGTERM checkpoint included.
     cfg.SOLVER.CHECKPOINT_MAX_KEEP = 0
 
     # Official TTA merge switch: True merges the views with TEST.AUG.MERGE, False with plain
