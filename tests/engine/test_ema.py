@@ -14,9 +14,9 @@ from torch import nn
 from detectron2.engine import HookBase
 from detectron2.engine.hooks import EvalHook
 
-from diffusiondet.engine import CheckpointError, Trainer, argument_parser, load_model_weights
+from diffusiondet.engine import CheckpointError, DiffusionDetCheckpointer, Trainer, argument_parser, load_model_weights
 from diffusiondet.engine import ema as ema_module
-from diffusiondet.engine.ema import ModelEMA, named_tensors
+from diffusiondet.engine.ema import ModelEMA, add_model_ema, named_tensors
 from tests.utils import TINY_OPTS, tiny_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,8 +100,9 @@ def test_ema_device_follows_model_ema_device(monkeypatch):
     devices, real = [], ema_module.AveragedModel
     # Records the device asked for; the copy itself stays where the model is (no data on "meta").
     monkeypatch.setattr(ema_module, "AveragedModel", lambda m, device, **kw: devices.append(device) or real(m, **kw))
-    ModelEMA(_Tiny().to("meta"), 0.9, device="")  # the model's
-    ModelEMA(_Tiny().to("meta"), 0.9, device="cpu")
+    for device in ("", "cpu"):  # "": the model's
+        cfg = tiny_cfg("MODEL_EMA.ENABLED", True, "MODEL_EMA.DEVICE", device)
+        add_model_ema(cfg, _Tiny().to("meta"), DiffusionDetCheckpointer(_Tiny()), [])
     assert devices == [torch.device("meta"), torch.device("cpu")]
     monkeypatch.undo()
     if torch.cuda.is_available():  # the use of MODEL_EMA.DEVICE "cpu": the average off the GPU
