@@ -46,8 +46,8 @@ def _ddp_arms(output_dir):
         trainer = FixedDataTrainer(fixed_cfg(os.path.join(output_dir, f"ddp{k}"), 4, k))
         trainer.resume_or_load(resume=False)
         # DDP all-reduces in a backward only if the forward ran with this flag set.
-        synced = []
-        trainer.model.module.register_forward_pre_hook(lambda *_: synced.append(trainer.model.require_backward_grad_sync))
+        synced, ddp = [], trainer.model
+        ddp.module.register_forward_pre_hook(lambda *_: synced.append(ddp.require_backward_grad_sync))
         trainer.train()
         if comm.is_main_process():
             torch.save({"weights": state(trainer.model), "synced": synced}, os.path.join(output_dir, f"ddp{k}.pth"))
