@@ -131,6 +131,7 @@ def test_scale_filter_keeps_per_size_the_boxes_of_its_range(det_model, monkeypat
         # CVPODS_TTA False: detectron2's merge, class-wise NMS, whatever MERGE says.
         (["TEST.AUG.MERGE", "wbf", "TEST.AUG.CVPODS_TTA", False], [RED], [0.9]),
     ],
+    ids=["nms", "soft_vote", "wbf", "cvpods_tta_off"],
 )
 def test_merge_follows_cvpods_tta_and_merge(det_model, monkeypatch, opts, red_boxes, red_scores):
     finder = SquareFinder(score=lambda side, channel: 0.9 if side == 60 else 0.6, shift=lambda side: 4.0 * (side == 120))
@@ -167,6 +168,7 @@ def test_views_draw_distinct_noise_that_repeats(det_model, monkeypatch):
         (["MODEL.DiffusionDet.EVAL_NUM_PROPOSALS", 1], 1),  # the boxes one view samples
         (["MODEL.DiffusionDet.DETECTIONS_PER_IMAGE", 2, "MODEL.DiffusionDet.EVAL_NUM_PROPOSALS", 1], 2),
     ],
+    ids=["default", "detections_per_image", "eval_num_proposals", "detections_per_image_first"],
 )
 def test_detections_are_capped_best_first(monkeypatch, opts, kept):
     # Red scores 0.9, green 0.8 in every view; the cap keeps the best ``kept`` of them.
