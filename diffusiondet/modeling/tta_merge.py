@@ -169,16 +169,22 @@ def merge_detections(
         masks: optional (M, H, W) masks; each merged row gets the mask of its ``source`` row.
 
     Returns:
-        (:class:`MergedDetections`, masks (M', H, W) or None), sorted by score descending.
+        (:class:`MergedDetections` on the device of ``boxes``, masks (M', H, W) or None), sorted
+        by score descending.
     """
+    if method not in MERGES:
+        raise ValueError(f"merge method must be one of {MERGES}, got {method!r}")
+    device = boxes.device
+    # The voting loops take one small step per cluster or box: on a GPU each would wait for the
+    # device, so the (few thousand) rows are merged on the CPU.
+    boxes, scores, classes = boxes.cpu(), scores.cpu(), classes.cpu()
     if method == "nms":
         merged = nms_merge(boxes, scores, classes, nms_threshold)
     elif method == "soft_vote":
         merged = soft_vote_merge(boxes, scores, classes)
-    elif method == "wbf":
-        merged = wbf_merge(boxes, scores, classes, num_views)
     else:
-        raise ValueError(f"merge method must be one of {MERGES}, got {method!r}")
+        merged = wbf_merge(boxes, scores, classes, num_views)
+    merged = MergedDetections(*(field.to(device) for field in merged))
     return merged, (None if masks is None else masks[merged.source.to(masks.device)])
 
 
