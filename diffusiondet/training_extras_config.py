@@ -4,11 +4,11 @@ retention and test-time augmentation. Called by ``add_diffusiondet_config``.
 ``MODEL_EMA.*`` and ``TEST.AUG.{CVPODS_TTA, SCALE_FILTER, SCALE_RANGES}`` keep the official key
 names so official YAMLs merge unchanged. detectron2's own ``TEST.AUG.{ENABLED, MIN_SIZES,
 MAX_SIZE, FLIP}`` keep detectron2's defaults here; the official 13 sizes and their scale ranges
-live in ``configs/Base-DiffusionDet.yaml`` (docs/tta_ema_accumulation.md).
+live in ``configs/Base-DiffusionDet.yaml`` (docs/training_extras.md, docs/tta.md).
 """
 from detectron2.config import CfgNode as CN
 
-# How TEST.AUG merges the detections of the augmented views (docs/tta_ema_accumulation.md).
+# How TEST.AUG merges the detections of the augmented views (docs/tta.md).
 TTA_MERGES = ("soft_vote", "nms", "wbf")
 
 

@@ -277,6 +277,23 @@ OBSERVED_ELSEWHERE = {
     "MODEL.SWIN.OUT_FEATURES": "tests/modeling/backbone/test_swin_fpn.py::test_renamed_outputs_equal_detectron2_swin_outputs",
     # the FPN levels come from that timm model's features
     "MODEL.TIMM.NAME": "tests/modeling/backbone/test_timm_fpn.py::test_fpn_levels_come_from_the_timm_features_of_each_stride",
+    # micro-batches per optimizer step: the step trainer the config picks and the iterations it counts
+    "SOLVER.ACCUMULATE_STEPS": "tests/engine/test_accumulation_units.py::test_trainer_picks_the_step_of_the_config",
+    # periodic checkpoint files left on disk
+    "SOLVER.CHECKPOINT_MAX_KEEP":
+        "tests/engine/test_checkpoint_retention.py::test_newest_periodic_files_are_kept_and_the_final_is_not_duplicated",
+    # test-time augmentation: the views, their filter and their merge (docs/tta.md)
+    "TEST.AUG.CVPODS_TTA": "tests/test_tta.py::test_merge_follows_cvpods_tta_and_merge",
+    "TEST.AUG.MERGE": "tests/test_tta.py::test_merge_follows_cvpods_tta_and_merge",
+    "TEST.AUG.SCALE_FILTER": "tests/test_tta.py::test_scale_filter_keeps_per_size_the_boxes_of_its_range",
+    "TEST.AUG.SCALE_RANGES": "tests/test_tta.py::test_scale_filter_keeps_per_size_the_boxes_of_its_range",
+    # EMA: the averaged weights in the checkpoint and the ones evaluated (docs/training_extras.md)
+    "MODEL_EMA.ENABLED": "tests/engine/test_ema.py::test_eval_only_evaluates_the_ema_weights_of_an_official_file",
+    "MODEL_EMA.DECAY": "tests/engine/test_ema.py::test_skipped_nonfinite_step_leaves_the_ema_and_final_checkpoint_holds_it",
+    "MODEL_EMA.DEVICE": "tests/engine/test_ema.py::test_ema_device_follows_model_ema_device",
+    "MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY":
+        "tests/engine/test_ema.py::test_use_ema_weights_for_eval_only_false_leaves_the_ema_weights_in_the_model",
+    "MODEL_EMA.YOLOX": "tests/engine/test_ema.py::test_training_averages_every_step_with_yolox_decay",
 }  # fmt: skip
 
 
