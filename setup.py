@@ -29,12 +29,16 @@ INSTALL_REQUIRES = [
     "diffusers==0.42.1",
     "transformers==5.23.0",
     "tokenizers==0.23.3",
+    # COCO / LVIS evaluation backend (pycocotools is the fallback).
+    "faster-coco-eval==1.8.0",
 ]
 
 # The LVIS API, only for LVIS evaluation. An extra, not a requirement: its declared dependencies
 # pull the non-headless OpenCV next to opencv-python-headless (the set-up script installs it
 # without them).
-EXTRAS_REQUIRE = {"lvis": ["lvis==0.5.3"]}
+# ONNX export (tools/export_onnx.py): the exporter's dependencies and the runtime that runs the
+# exported graph; the packages never import them at import time.
+EXTRAS_REQUIRE = {"lvis": ["lvis==0.5.3"], "export": ["onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"]}
 
 setup(
     name="diffusiondet",

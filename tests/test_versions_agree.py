@@ -34,6 +34,8 @@ def test_setup_py_requires_the_bootstrap_runtime_pins():
     assert setup_py_constant("INSTALL_REQUIRES") == bootstrap_requirements("runtime")
     # The packages the set-up script installs without their dependencies: an extra (see setup.py).
     assert setup_py_constant("EXTRAS_REQUIRE")["lvis"] == bootstrap_requirements("nodeps")
+    # The ONNX exporter and runtime: an extra of setup.py that `make env` installs for the tests.
+    assert setup_py_constant("EXTRAS_REQUIRE")["export"] == bootstrap_requirements("export")
 
 
 def test_requirements_dev_lists_the_bootstrap_dev_pins():

