@@ -17,3 +17,26 @@ def tiny_data(tmp_path_factory):
     image_root = os.path.join(root, "train")
     register_coco_json("resume_tiny_train", json_file, image_root)
     return json_file, image_root
+
+
+@pytest.fixture(scope="session")
+def straight_run(tiny_data, tmp_path_factory):
+    """``weights(world)``: the final model state dict of the uninterrupted ``tools/train_net.py``
+    run on ``tiny_data`` with ``world`` GLOO processes, trained once per session: the SIGKILL and
+    SIGTERM resume tests compare against the same run (a 2-process job costs ~30 s)."""
+    import torch
+
+    from tests.engine.test_exact_resume import _job
+
+    weights = {}
+
+    def get(world):
+        if world not in weights:
+            root = tmp_path_factory.mktemp(f"straight_{world}")
+            result = _job(root, tiny_data, "straight", world)
+            assert result.returncode == 0, result.stderr[-2000:]
+            path = root / "straight" / "model_final.pth"
+            weights[world] = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        return weights[world]
+
+    return get

@@ -112,9 +112,7 @@ def _job(tmp_path, data, output, world, *prefix, resume=False):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_data, tmp_path, world):
-    straight = _job(tmp_path, tiny_data, "straight", world)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_data, straight_run, tmp_path, world):
     killed = _job(tmp_path, tiny_data, "killed", world, "-m", "tests.engine.killed_training", "--kill-after", "4")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     out = tmp_path / "killed"
@@ -126,5 +124,4 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_data, tmp_path, w
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Starting training from iteration 4" in resumed.stderr + resumed.stdout
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
-    reference = torch.load(tmp_path / "straight" / "model_final.pth", map_location="cpu", weights_only=True)
-    assert _equal(final, reference["model"])
+    assert _equal(final, straight_run(world))

@@ -17,9 +17,7 @@ from tests.engine.test_exact_resume import _cfg, _equal, _job
 # Bit-equal resume must hold under any CPU's kernels: the one-process case is re-run under the
 # AVX2 one-thread settings (the two-process one only in the full suite, for time).
 @pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.numerics), 2])
-def test_sigterm_checkpoints_exits_143_and_resume_equals_the_uninterrupted_run(tiny_data, tmp_path, world):
-    straight = _job(tmp_path, tiny_data, "straight", world)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+def test_sigterm_checkpoints_exits_143_and_resume_equals_the_uninterrupted_run(tiny_data, straight_run, tmp_path, world):
     # SIGTERM after iteration 1: every rank stops after iteration 2, which is not a periodic
     # checkpoint (those follow iterations 1, 3 and 5): the file must come from the stop.
     stopped = _job(tmp_path, tiny_data, "stopped", world, "-m", "tests.engine.killed_training", "--term-after", "1")
@@ -36,8 +34,7 @@ def test_sigterm_checkpoints_exits_143_and_resume_equals_the_uninterrupted_run(t
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Starting training from iteration 3" in resumed.stderr + resumed.stdout
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
-    reference = torch.load(tmp_path / "straight" / "model_final.pth", map_location="cpu", weights_only=True)
-    assert _equal(final, reference["model"])
+    assert _equal(final, straight_run(world))
 
 
 def test_standalone_evaluation_stopped_by_sigterm_says_its_results_are_lost(caplog):
