@@ -10,9 +10,10 @@
   every ``make`` target exists in the Makefile;
 * the README stays within 250 lines, and every docs page opens with a sentence under its title.
 
-The ``--help`` of each tool runs once, in a child process with one thread (the tools import torch,
-so this is the slow part: a few seconds per tool).
+The ``--help`` of each tool runs once, in a child process with one thread, one child per core at a
+time (the tools import torch, so this is the slow part: a few seconds per tool).
 """
+import concurrent.futures
 import functools
 import glob
 import os
@@ -165,10 +166,24 @@ def tool_path(tool):
     return module + ".py" if os.path.exists(module + ".py") else os.path.join(module, "__main__.py")
 
 
-@functools.lru_cache(maxsize=None)
 def help_text(tool):
     """``--help`` of a tool, run as a user runs it. A tool without argparse help (no ``usage:``;
     ``diffusiondet.utils.cpu_info`` reads its two options itself) is checked against its source."""
+    texts = documented_help_texts()
+    return texts[tool] if tool in texts else _run_help(tool)
+
+
+@functools.lru_cache(maxsize=None)
+def documented_help_texts():
+    """``--help`` of every documented tool, one child process per core at a time: each child is
+    single-threaded and mostly imports torch, so the cores run them side by side."""
+    tools = documented_tools()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(zip(tools, pool.map(_run_help, tools)))
+
+
+@functools.lru_cache(maxsize=None)
+def _run_help(tool):
     command = [sys.executable, tool] if tool.startswith("tools/") else [sys.executable, "-m", tool]
     result = subprocess.run(
         command + ["--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
