@@ -16,7 +16,7 @@ mode's draws; with renewal they agree up to the first renewal (the parity mode's
 N − k_b rows, not N).
 """
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torchvision
@@ -33,11 +33,23 @@ from ..diffusion import (
 from .postprocess import CandidateDict, topk_candidate_fields
 from .sampler import DDIMBoxSampler, DenoiseFn, per_proposal_extras, sampling_inputs
 
-__all__ = ["GraphBoxSampler", "batched_class_nms"]
+__all__ = ["GraphBoxSampler", "SamplingSchedule", "batched_class_nms"]
 
 # Row of the per-step coefficient table: √(1/ᾱ_t), √(1/ᾱ_t − 1), then ddim_coefficients' √ᾱ_next,
 # c and σ. A tensor input, so a compiled step does not specialise (and recompile) per timestep.
 _COEFFICIENTS = 5
+
+
+class SamplingSchedule(NamedTuple):
+    """What the steps of one run need from ᾱ (:meth:`GraphBoxSampler.sampling_schedule`).
+
+    pairs: the S (t, t_next) Python ints; coefficients: (S, ``_COEFFICIENTS``) float64;
+    times: (S,) long, each step's t.
+    """
+
+    pairs: List[Tuple[int, int]]
+    coefficients: Tensor
+    times: Tensor
 
 
 class GraphBoxSampler(DDIMBoxSampler):
@@ -119,6 +131,21 @@ class GraphBoxSampler(DDIMBoxSampler):
             )
         return self._compiled[device.type]
 
+    def sampling_schedule(self, alphas_cumprod: Tensor, device: torch.device) -> SamplingSchedule:
+        """The time pairs, step coefficients and timesteps of an S-step run, on ``device``.
+
+        Reads ᾱ on the host (:meth:`host_alphas`), so a graph exported with ``torch.export``
+        computes it beforehand and holds the result as constants (``diffusiondet.export``).
+        """
+        pairs = ddim_time_pairs(alphas_cumprod.shape[0], self.steps)
+        alphas = self.host_alphas(alphas_cumprod)
+        coefficients = torch.tensor(
+            [self.step_coefficients(alphas, t, t_next) for t, t_next in pairs],
+            dtype=torch.float64,
+        ).to(device)  # (S, _COEFFICIENTS), one host-to-device copy per batch
+        times = torch.tensor([t for t, _ in pairs], dtype=torch.long).to(device)  # (S,)
+        return SamplingSchedule(pairs, coefficients, times)
+
     def sample_candidates(
         self,
         denoise_fn: DenoiseFn,
@@ -127,8 +154,10 @@ class GraphBoxSampler(DDIMBoxSampler):
         num_boxes: int,
         rng: Optional[RandomSource] = None,
         per_image_rng: Optional[Sequence[RandomSource]] = None,
+        schedule: Optional[SamplingSchedule] = None,
     ) -> List[List[CandidateDict]]:
-        """Run the masked DDIM loop; arguments as :meth:`DDIMBoxSampler.sample_candidates`.
+        """Run the masked DDIM loop; arguments as :meth:`DDIMBoxSampler.sample_candidates`, plus
+        ``schedule``: a precomputed :meth:`sampling_schedule` (default: computed here).
 
         Returns:
             per image a one-element list: the candidates of every ensembled call, concatenated
@@ -146,13 +175,9 @@ class GraphBoxSampler(DDIMBoxSampler):
             per_image = [[s.randn((num_boxes, 4)) for _ in range(count)] for s in per_image_rng]
             return [torch.stack([d[i] for d in per_image]).to(device, dtype) for i in range(count)]
 
-        pairs = ddim_time_pairs(alphas_cumprod.shape[0], self.steps)
-        alphas = self.host_alphas(alphas_cumprod)
-        coefficients = torch.tensor(
-            [self.step_coefficients(alphas, t, t_next) for t, t_next in pairs],
-            dtype=torch.float64,
-        ).to(device)  # (S, _COEFFICIENTS), one host-to-device copy per batch
-        times = torch.tensor([t for t, _ in pairs], dtype=torch.long).to(device)  # (S,)
+        if schedule is None:
+            schedule = self.sampling_schedule(alphas_cumprod, device)
+        pairs, coefficients, times = schedule
         step_fn = self._step_fn(device)
         (x,) = draw(1)  # (B, N, 4)
         calls: List[CandidateDict] = []

@@ -104,8 +104,11 @@ def weighted_gather(table: torch.Tensor, index: torch.Tensor, weight: torch.Tens
     ``addcmul`` are plain kernels with a sync-free backward (``index_add``), whereas CUDA
     ``embedding_bag``'s backward sorts and has synced to the host (pytorch#82886), and inductor
     fuses the loop into one kernel anyway. Peak memory is a few (P, C) buffers, never T of them.
+    Under ``torch.export`` the loop too: ONNX has no embedding_bag, and its translation is a Loop
+    over the P bags, one iteration each at run time.
     """
-    fused = table.device.type == "cpu" if fused is None else fused
+    if fused is None:
+        fused = table.device.type == "cpu" and not torch.compiler.is_exporting()
     if fused:
         return F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
     out = table.index_select(0, index[:, 0]) * weight[:, :1]
