@@ -1,5 +1,6 @@
 """Config keys of the training and evaluation extras: model EMA, gradient accumulation, checkpoint
-retention and test-time augmentation. Called by ``add_diffusiondet_config``.
+retention, test-time augmentation and the COCO / LVIS evaluation backend. Called by
+``add_diffusiondet_config``.
 
 ``MODEL_EMA.*`` and ``TEST.AUG.{CVPODS_TTA, SCALE_FILTER, SCALE_RANGES}`` keep the official key
 names so official YAMLs merge unchanged. detectron2's own ``TEST.AUG.{ENABLED, MIN_SIZES,
@@ -10,10 +11,13 @@ from detectron2.config import CfgNode as CN
 
 # How TEST.AUG merges the detections of the augmented views (docs/tta.md).
 TTA_MERGES = ("soft_vote", "nms", "wbf")
+# Who computes COCO / LVIS AP (diffusiondet/evaluation/coco_backend.py, docs/evaluation.md).
+COCO_EVAL_BACKENDS = ("auto", "faster", "pycocotools")
 
 
 def add_training_extras_config(cfg):
-    """Add ``MODEL_EMA``, ``SOLVER.{ACCUMULATE_STEPS, CHECKPOINT_MAX_KEEP}`` and the TTA keys."""
+    """Add ``MODEL_EMA``, ``SOLVER.{ACCUMULATE_STEPS, CHECKPOINT_MAX_KEEP}``, the TTA keys and
+    ``TEST.COCO_EVAL_BACKEND``."""
     cfg.MODEL_EMA = CN()
     # Keep an exponential moving average of the weights (diffusiondet/engine/ema.py); evaluation
     # (during and after training, --eval-only, tools loading through load_model_weights) uses it,
@@ -55,6 +59,11 @@ def add_training_extras_config(cfg):
     # (low, high) per TEST.AUG.MIN_SIZES entry; required when SCALE_FILTER.
     cfg.TEST.AUG.SCALE_RANGES = ()
 
+    # COCO and LVIS evaluation: "auto" runs faster-coco-eval (same numbers as pycocotools / the
+    # lvis API, several times faster) and falls back to pycocotools / lvis, logged once, when it
+    # does not import; "faster" requires it; "pycocotools" forces the reference implementations.
+    cfg.TEST.COCO_EVAL_BACKEND = "auto"
+
 
 def training_extras_config_errors(cfg) -> list:
     """Messages for invalid values of the keys above (empty when all are valid)."""
@@ -74,6 +83,10 @@ def training_extras_config_errors(cfg) -> list:
             f"SOLVER.CHECKPOINT_MAX_KEEP must be >= 0 (0 keeps all), got {cfg.SOLVER.CHECKPOINT_MAX_KEEP}",
         ),
         (aug.MERGE in TTA_MERGES, f"TEST.AUG.MERGE must be one of {TTA_MERGES}, got {aug.MERGE!r}"),
+        (
+            cfg.TEST.COCO_EVAL_BACKEND in COCO_EVAL_BACKENDS,
+            f"TEST.COCO_EVAL_BACKEND must be one of {COCO_EVAL_BACKENDS}, got {cfg.TEST.COCO_EVAL_BACKEND!r}",
+        ),
     ]
     errors = [msg for ok, msg in checks if not ok]
     if aug.SCALE_FILTER:

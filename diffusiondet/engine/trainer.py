@@ -9,12 +9,12 @@ from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 
 from ..data import DiffusionDetDatasetMapper
 from ..data.resumable_loader import build_resumable_train_loader, set_loader_position
 from ..utils.rng_state import capture_rng_state, preserved_rng_state, restore_rng_state
 from ..evaluation import ClassMappingEvaluator, CrowdHumanEvaluator, parse_class_mapping
+from ..evaluation.coco_backend import build_coco_evaluator, build_lvis_evaluator
 from ..evaluation.lvis_compat import ensure_lvis_numpy_compat
 from .accumulation import AccumulatingAMPTrainer
 from .checkpoint import DiffusionDetCheckpointer
@@ -214,9 +214,10 @@ class Trainer(DefaultTrainer):
             return CrowdHumanEvaluator(dataset_name, output_folder, person_class=person)
         if getattr(meta, "evaluator_type", None) == "lvis" or "lvis" in dataset_name:
             ensure_lvis_numpy_compat()
-            return LVISEvaluator(dataset_name, cfg, True, output_folder)
-        return COCOEvaluator(
+            return build_lvis_evaluator(dataset_name, cfg.TEST.COCO_EVAL_BACKEND, cfg, True, output_folder)
+        return build_coco_evaluator(  # faster-coco-eval by default (TEST.COCO_EVAL_BACKEND)
             dataset_name,
+            cfg.TEST.COCO_EVAL_BACKEND,
             tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
             distributed=True,
             output_dir=output_folder,

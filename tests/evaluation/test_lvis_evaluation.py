@@ -1,5 +1,6 @@
-"""LVIS evaluation through detectron2's LVISEvaluator on numpy 2 (the lvis 0.5.3 API), on a tiny
-made-up LVIS json whose frequency groups r / c / f are all present."""
+"""LVIS evaluation through detectron2's LVISEvaluator on a tiny made-up LVIS json whose frequency
+groups r / c / f are all present: with faster-coco-eval (the default backend) and with the lvis
+0.5.3 API on numpy 2 (TEST.COCO_EVAL_BACKEND pycocotools), which give the same numbers."""
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
 from diffusiondet.engine import Trainer
+from diffusiondet.evaluation.coco_backend import FasterLVISEvaluator, build_lvis_evaluator
 from tests.utils import tiny_cfg
 
 GT = {  # image id -> [(category id, abs xywh)]
@@ -74,8 +76,11 @@ def _predictions(extra=(), masks=None):
     return inputs, results
 
 
-def _evaluate(name, tmp_path, extra=(), masks=None, task="bbox"):
-    evaluator = Trainer.build_evaluator(tiny_cfg(), name, str(tmp_path))
+def _evaluate(name, tmp_path, extra=(), masks=None, task="bbox", backend="auto", max_dets=None):
+    if max_dets is None:  # the trainer's evaluator (LVIS's cap, 300)
+        evaluator = Trainer.build_evaluator(tiny_cfg("TEST.COCO_EVAL_BACKEND", backend), name, str(tmp_path))
+    else:
+        evaluator = build_lvis_evaluator(name, backend, None, True, str(tmp_path), max_dets_per_image=max_dets)
     evaluator.reset()
     evaluator.process(*_predictions(extra, masks))
     return evaluator.evaluate()[task]
@@ -108,3 +113,40 @@ def test_mask_ap_from_pred_masks(lvis_dataset, tmp_path):
     half = _evaluate(lvis_dataset, tmp_path, masks="top_half", task="segm")
     assert half["AP"] == pytest.approx(10.0, abs=0.5) and half["AP50"] == pytest.approx(100.0)
     assert _evaluate(lvis_dataset, tmp_path, masks="top_half")["AP"] == pytest.approx(100.0)
+
+
+def _random_extras(seed=0, count=14):
+    """Integer boxes (the masks are painted by slicing) near the objects or anywhere, on every
+    category: right and wrong classes, verified-absent and unchecked ones; rounded, tied scores."""
+    rng = np.random.RandomState(seed)
+    objects = [(i, c, b) for i in GT for c, b in GT[i]]
+    extras = []
+    for k in range(count):
+        i, c, (x, y, w, h) = objects[rng.randint(len(objects))]
+        if k % 3 == 2:
+            i, x, y = int(rng.randint(1, 5)), int(rng.randint(0, 70)), int(rng.randint(0, 40))
+        dx, dy, dw, dh = (int(v) for v in rng.randint(-6, 7, size=4))
+        box = [max(x + dx, 0), max(y + dy, 0), max(w + dw, 4), max(h + dh, 4)]
+        extras.append((i, int(rng.randint(1, 4)) if k % 4 == 1 else c, box, round(float(rng.uniform(0.2, 1.0)), 2)))
+    return extras
+
+
+@pytest.mark.parametrize("masks", [None, "top_half"], ids=["bbox", "segm"])
+@pytest.mark.parametrize("max_dets", [None, 1], ids=["cap300", "cap1"])
+def test_faster_backend_equals_the_lvis_api(lvis_dataset, tmp_path, masks, max_dets, evaluations_run):
+    # Cap 1 binds: LVIS keeps the best detection of each image over all categories (image 1: one
+    # of its two tied perfect ones), faster-coco-eval alone would keep the best of each category.
+    task = "segm" if masks else "bbox"
+    runs = {backend: _evaluate(lvis_dataset, tmp_path, _random_extras(), masks, task, backend, max_dets)
+            for backend in ("pycocotools", "auto")}  # fmt: skip
+    assert evaluations_run == (["lvis"] * 2 + ["faster"] * 2 if masks else ["lvis", "faster"])
+    reference = runs["pycocotools"]
+    assert list(reference) == ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"]
+    assert 1 < reference["AP"] < 95  # neither empty nor perfect: a number that can be wrong
+    assert runs["auto"] == pytest.approx(reference, abs=1e-2)  # percent: 1e-4 of AP
+
+
+def test_trainer_builds_the_faster_lvis_evaluator_by_default(lvis_dataset, tmp_path):
+    assert type(Trainer.build_evaluator(tiny_cfg(), lvis_dataset, str(tmp_path))) is FasterLVISEvaluator
+    forced = Trainer.build_evaluator(tiny_cfg("TEST.COCO_EVAL_BACKEND", "pycocotools"), lvis_dataset, str(tmp_path))
+    assert type(forced).__name__ == "LVISEvaluator"
