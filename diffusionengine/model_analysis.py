@@ -10,7 +10,9 @@ is built (the prompt's embedding is kept), so 0 calls per image.
 Shape legend: (Hp, Wp) the padded input, multiple of the VAE factor 8; (h, w) = (Hp / 8, Wp / 8)
 the latent.
 """
-from typing import Optional, Sequence
+import argparse
+import math
+from typing import List, Optional, Sequence
 
 import torch
 from detectron2.modeling import build_model
@@ -21,7 +23,8 @@ from diffusiondet.tooling.model_analysis import (
 
 from .modeling.backbone import StableDiffusionBackbone
 
-__all__ = ["ANALYSIS_OPTS", "analyze_config", "sd_backbone_components"]
+__all__ = ["ANALYSIS_OPTS", "SD2_BASE_UNET", "SD2_BASE_VAE", "analyze_config", "sd_backbone_components",
+           "sd_layout_components"]
 
 # Built on CPU (random weights: build_model loads nothing), uncompiled: compilation changes how
 # the head runs, not what it computes, and would take minutes on CPU.
@@ -30,6 +33,13 @@ ANALYSIS_OPTS = [
     "MODEL.DiffusionDet.COMPILE_HEAD", False,
     "MODEL.DiffusionDet.COMPILE_SAMPLING_STEP", False,
 ]  # fmt: skip
+
+
+# SD 2-base's published U-Net and VAE layouts (the paper's frozen SD v2), over diffusers' defaults.
+SD2_BASE_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
+                     attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)  # fmt: skip
+SD2_BASE_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)  # fmt: skip
 
 
 def sd_backbone_components(backbone: StableDiffusionBackbone, images: torch.Tensor):
@@ -54,6 +64,27 @@ def sd_backbone_components(backbone: StableDiffusionBackbone, images: torch.Tens
     return components, features
 
 
+def sd_layout_components(image_hw: Sequence[int], unet_config=SD2_BASE_UNET, vae_config=SD2_BASE_VAE,
+                         text_tokens: int = 77) -> List[Component]:  # fmt: skip
+    """The frozen VAE encoder and U-Net of an SD layout (config dicts, e.g. a folder's
+    ``config.json``), built on ``meta`` without weights, for an (H, W) image padded as the SD
+    backbone pads it; the U-Net attends to ``text_tokens`` prompt tokens (CLIP's 77). What a
+    DiffusionEngine config costs in its SD part when no SD folder is at hand."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel.from_config(unet_config), AutoencoderKL.from_config(vae_config)
+    # The backbone's size_divisibility: VAE factor × the coarsest latent stride of the U-Net.
+    divisor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
+    images = torch.empty(1, 3, *(math.ceil(x / divisor) * divisor for x in image_hw), device="meta")
+    vae_flops, posterior, vae_used = count_with_modules(lambda: vae.encode(images).latent_dist, vae.modules())
+    context = torch.empty(1, text_tokens, unet.config.cross_attention_dim, device="meta")
+    t = torch.ones(1, dtype=torch.long, device="meta")
+    unet_flops, _, _ = count_with_modules(lambda: unet(posterior.mean, t, encoder_hidden_states=context), ())
+    return [Component("frozen SD VAE encoder", params_of(vae_used), vae_flops, 1, BACKBONE),
+            Component("frozen SD U-Net (one call)", params_of([unet]), unet_flops, 1, BACKBONE)]  # fmt: skip
+
+
 def analyze_config(cfg, steps: Optional[int] = None, boxes: Optional[int] = None,
                    image_hw: Sequence[int] = (800, 1333), detections: Optional[int] = None) -> Analysis:  # fmt: skip
     """Build ``cfg``'s model (:data:`ANALYSIS_OPTS` applied) and count it at S = ``steps`` and
@@ -70,3 +101,18 @@ def analyze_config(cfg, steps: Optional[int] = None, boxes: Optional[int] = None
     if frozen_sd:
         analysis.notes.append("The SD VAE decoder is not used: not counted.")
     return analysis
+
+
+def main(argv=None):
+    """``python -m diffusionengine.model_analysis --image-size H W``: SD 2-base's frozen parts."""
+    parser = argparse.ArgumentParser(description="GFLOPs of SD 2-base's VAE encoder and U-Net call "
+                                     "(DiffusionEngine's frozen backbone), weights not needed")  # fmt: skip
+    parser.add_argument("--image-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
+    args = parser.parse_args(argv)
+    print("| component | params (M) | GFLOPs / image |\n| --- | ---: | ---: |")
+    for c in sd_layout_components(args.image_size):
+        print(f"| {c.name} | {c.params / 1e6:,.2f} | {c.total / 1e9:,.2f} |")
+
+
+if __name__ == "__main__":
+    main()

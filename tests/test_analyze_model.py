@@ -6,6 +6,7 @@ GEMM count of diffusiondet/tooling/roofline.py, the total against FlopCounterMod
 inference call (so backbone + calls × head + mask branch + M × mask head is what the model runs),
 the backbone's scaling with the image size, the head's in N. Images are non-square.
 """
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from diffusiondet.tooling.model_analysis import (
     BACKBONE, HEAD, PER_DETECTION, PER_IMAGE, analyze_model, backbone_components, format_analysis,
 )  # fmt: skip
 from diffusionengine import build_config
-from diffusionengine.model_analysis import analyze_config
+from diffusionengine.model_analysis import analyze_config, sd_layout_components
 
 from .conftest import diffusionengine_opts
 from .test_every_config_runs import CONFIGS, _rel, tiny_config
@@ -142,6 +143,17 @@ def test_resnet_backbone_flops_scale_with_the_pixels():
     full = flops(768, 1344)
     assert 200e9 < full < 400e9  # R-50-FPN at ~800×1333 is ~150 GMACs
     assert flops(384, 1344) * 2 == full and flops(768, 672) * 2 == full and flops(384, 672) * 4 == full
+
+
+def test_an_sd_layout_without_weights_counts_as_the_sd_folder(tiny_sd_folder):
+    """``sd_layout_components`` (meta, configs only: how docs/speed.md counts SD 2-base) gives the
+    VAE encoder and U-Net that a DiffusionEngine config counts from the folder itself."""
+    layouts = [json.load(open(os.path.join(tiny_sd_folder, part, "config.json"))) for part in ("unet", "vae")]
+    image_hw = (72, 150)  # padded to 128×192, as the backbone pads it
+    from_layout = sd_layout_components(image_hw, *layouts)
+    from_folder = analyze_config(_tiny(ENGINE, tiny_sd_folder), 1, 5, image_hw).of_kind(BACKBONE)[:2]
+    assert [(c.params, c.flops) for c in from_layout] == [(c.params, c.flops) for c in from_folder]
+    assert all(c.flops > 0 for c in from_layout)
 
 
 def test_the_tool_prints_the_table(tiny_sd_folder):
