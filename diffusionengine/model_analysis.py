@@ -39,7 +39,8 @@ ANALYSIS_OPTS = [
 SD2_BASE_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
                      attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)  # fmt: skip
 SD2_BASE_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)  # fmt: skip
+                    down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4)  # fmt: skip
 
 
 def sd_backbone_components(backbone: StableDiffusionBackbone, images: torch.Tensor):
@@ -56,7 +57,8 @@ def sd_backbone_components(backbone: StableDiffusionBackbone, images: torch.Tens
     mapper_flops, features, _ = count_with_modules(lambda: backbone.features_from_taps(taps), ())
     components = [
         Component("frozen SD VAE encoder", params_of(vae_used), vae_flops, 1, BACKBONE),
-        Component(f"frozen SD U-Net (one call, t = {backbone.timestep})", params_of([sd.unet]), unet_flops, 1, BACKBONE),
+        Component(f"frozen SD U-Net (one call, t = {backbone.timestep})", params_of([sd.unet]), unet_flops, 1,
+                  BACKBONE),
         Component("channel mapper (the trainable backbone)", params_of([backbone]), mapper_flops, 1, BACKBONE),
         Component("frozen SD text encoder (prompt encoded once, at build)", params_of([sd.text_encoder]), 0.0, 0,
                   "build_time"),
@@ -86,7 +88,8 @@ def sd_layout_components(image_hw: Sequence[int], unet_config=SD2_BASE_UNET, vae
 
 
 def analyze_config(cfg, steps: Optional[int] = None, boxes: Optional[int] = None,
-                   image_hw: Sequence[int] = (800, 1333), detections: Optional[int] = None) -> Analysis:  # fmt: skip
+                   image_hw: Sequence[int] = (800, 1333),
+                   detections: Optional[int] = None) -> Analysis:  # fmt: skip
     """Build ``cfg``'s model (:data:`ANALYSIS_OPTS` applied) and count it at S = ``steps`` and
     N = ``boxes`` (default: the config's SAMPLE_STEP and eval boxes) on an (H, W) image."""
     cfg = cfg.clone()

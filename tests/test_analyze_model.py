@@ -27,8 +27,9 @@ from .test_every_config_runs import CONFIGS, _rel, tiny_config
 from .utils import TINY_OPTS, random_input
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DET, INST, ENGINE = (f"configs/{name}.yaml" for name in
-                     ("diffdet.synthetic.res18", "diffinst.synthetic.res18", "diffengine.synthetic.tinysd"))  # fmt: skip
+DET = "configs/diffdet.synthetic.res18.yaml"
+INST = "configs/diffinst.synthetic.res18.yaml"
+ENGINE = "configs/diffengine.synthetic.tinysd.yaml"
 
 
 def _one(analysis, kind):
@@ -124,7 +125,8 @@ def test_head_is_linear_in_the_boxes_plus_attention():
     linear = {n: f - gamma * n * n for n, f in counts.items()}
     beta = (linear[16] - linear[8]) / 8
     assert linear[24] - linear[16] == linear[16] - linear[8] == 8 * beta > 0
-    time_mlps = [m for name, m in model.head.named_modules() if "time_mlp" in name and isinstance(m, torch.nn.Linear)]
+    time_mlps = [m for name, m in model.head.named_modules()
+                 if "time_mlp" in name and isinstance(m, torch.nn.Linear)]  # fmt: skip
     assert len(time_mlps) == 2 + stages
     assert linear[8] - 8 * beta == sum(2 * m.in_features * m.out_features for m in time_mlps)
 

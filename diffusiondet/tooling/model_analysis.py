@@ -175,9 +175,9 @@ def analyze_model(model, steps: int, boxes: int, image_hw: Sequence[int], detect
     head = model.head
     image_flops, per_image, used = count_with_modules(lambda: head.per_image_outputs(features), head.modules())
     image_params = params_of(used)
-    stages = len(head.head_series)
+    stages, calls = len(head.head_series), model.sampler.model_calls(steps)
     components.append(Component(f"head, one sampling step ({stages} stages)", params_of([head]) - image_params,
-                                head_flops, model.sampler.model_calls(steps), HEAD))  # fmt: skip
+                                head_flops, calls, HEAD))  # fmt: skip
     if per_image:
         components.append(Component(f"per-image head outputs ({', '.join(per_image)})", image_params,
                                     image_flops, 1, PER_IMAGE))  # fmt: skip
@@ -197,7 +197,6 @@ def analyze_model(model, steps: int, boxes: int, image_hw: Sequence[int], detect
     other = params_of([model]) - params_of([model.backbone, head])
     if other:
         components.append(Component("other parameters", other, 0.0, 0, "other"))
-    calls = model.sampler.model_calls(steps)
     notes = [] if calls == steps else [f"{steps} steps make {calls} model calls: SKIP_UNUSED_CALLS drops the "
                                        "last one, whose outputs the official ensemble ignores."]  # fmt: skip
     if det_flops and detections is None and not cap:
@@ -215,12 +214,14 @@ def format_analysis(analysis: Analysis, title: str = "") -> str:
     GFLOPs per image, then the total row and the counting convention."""
     a = analysis
     lines = [title] if title else []
-    lines.append(f"S = {a.steps} steps, N = {a.boxes} boxes, M = {a.detections} detections, image "
-                 f"{a.image_size[0]}×{a.image_size[1]} (padded {a.padded_size[0]}×{a.padded_size[1]})\n")  # fmt: skip
+    (h, w), (hp, wp) = a.image_size, a.padded_size
+    lines.append(f"S = {a.steps} steps, N = {a.boxes} boxes, M = {a.detections} detections, "
+                 f"image {h}×{w} (padded {hp}×{wp})\n")  # fmt: skip
     lines.append("| component | params (M) | GFLOPs / call | calls / image | GFLOPs / image |")
     lines.append("| --- | ---: | ---: | ---: | ---: |")
     for c in a.components:
-        lines.append(f"| {c.name} | {_num(c.params / 1e6)} | {_num(c.flops / 1e9)} | {c.calls} | {_num(c.total / 1e9)} |")
+        row = (c.name, _num(c.params / 1e6), _num(c.flops / 1e9), c.calls, _num(c.total / 1e9))
+        lines.append("| " + " | ".join(map(str, row)) + " |")
     lines.append(f"| **total** | {_num(a.total_params / 1e6)} | | | **{_num(a.total_flops / 1e9)}** |")
     lines.append("\nFLOPs = 2 × MACs (torch.utils.flop_counter.FlopCounterMode): matmuls, Linear layers, "
                  "convolutions and attention; norms, activations, elementwise ops, RoI pooling, "
