@@ -69,8 +69,10 @@ def assert_same_detections(got, want):
         # here both calls count, so the DDIM step and the renewal draws matter. And a cap.
         ("MODEL.DiffusionDet.SAMPLE_STEP", 2, "MODEL.DiffusionDet.ENSEMBLE", "all_steps",
          "MODEL.DiffusionDet.DETECTIONS_PER_IMAGE", 12),
+        # The COCO configs' backbone: frozen BatchNorm, folded into the convolutions at inference.
+        ("MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", 2, "MODEL.FPN.NORM", ""),
     ],
-    ids=["1_step", "2_steps_all_ensembled_cap_12"],
+    ids=["1_step", "2_steps_all_ensembled_cap_12", "1_step_frozen_bn_folded"],
 )  # fmt: skip
 def test_onnx_detections_equal_eager_graph_mode(tmp_path, opts):
     model = tiny_model(*opts)
