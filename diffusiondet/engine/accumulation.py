@@ -20,7 +20,7 @@ import torch
 from detectron2.engine import AMPTrainer
 from detectron2.utils.events import get_event_storage
 
-__all__ = ["AccumulatingAMPTrainer", "mean_loss_dict", "micro_step_sync"]
+__all__ = ["AccumulatingAMPTrainer", "MicroBatches", "mean_loss_dict", "micro_step_sync"]
 
 
 def micro_step_sync(model: torch.nn.Module, last: bool):
@@ -31,6 +31,25 @@ def micro_step_sync(model: torch.nn.Module, last: bool):
     if last or no_sync is None:
         return contextlib.nullcontext()
     return no_sync()
+
+
+class MicroBatches:
+    """The k micro-batches of one optimizer step of ``trainer`` (a SimpleTrainer with a
+    ``batches_consumed`` count): iterating takes them from its loader one at a time and yields
+    ``(micro, data, sync)`` with ``sync`` the :func:`micro_step_sync` context of that micro-step;
+    ``data_time`` adds up the seconds spent waiting for the loader. Leaving the loop early leaves
+    the rest in the loader."""
+
+    def __init__(self, trainer, k: int):
+        self.trainer, self.k, self.data_time = trainer, k, 0.0
+
+    def __iter__(self):
+        for micro in range(self.k):
+            start = time.perf_counter()
+            data = next(self.trainer._data_loader_iter)
+            self.trainer.batches_consumed += 1
+            self.data_time += time.perf_counter() - start
+            yield micro, data, micro_step_sync(self.trainer.model, last=micro == self.k - 1)
 
 
 def mean_loss_dict(loss_dicts: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -73,13 +92,9 @@ class AccumulatingAMPTrainer(AMPTrainer):
         device_type = next(self.model.parameters()).device.type
         k = self.accumulate_steps
         self.optimizer.zero_grad()
-        loss_dicts, data_time = [], 0.0
-        for micro in range(k):
-            start = time.perf_counter()
-            data = next(self._data_loader_iter)
-            self.batches_consumed += 1
-            data_time += time.perf_counter() - start
-            with micro_step_sync(self.model, last=micro == k - 1):
+        loss_dicts, steps = [], MicroBatches(self, k)
+        for _, data, sync in steps:
+            with sync:
                 with torch.autocast(device_type, dtype=self.precision):
                     loss_dict = self.model(data)
                     if isinstance(loss_dict, torch.Tensor):
@@ -90,6 +105,6 @@ class AccumulatingAMPTrainer(AMPTrainer):
         if self.log_grad_scaler:
             get_event_storage().put_scalar("[metric]grad_scaler", self.grad_scaler.get_scale())
         self.after_backward()
-        self._write_metrics(mean_loss_dict(loss_dicts), data_time)
+        self._write_metrics(mean_loss_dict(loss_dicts), steps.data_time)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()

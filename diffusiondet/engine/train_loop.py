@@ -1,7 +1,6 @@
 """The training step: a non-finite loss or gradient skips one optimizer step instead of ending the
 run (or, worse, reaching the weights: a finite loss can have a NaN gradient, e.g. 0 * sqrt(0))."""
 import logging
-import time
 
 import torch
 import torch.distributed as dist
@@ -10,7 +9,7 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .accumulation import mean_loss_dict, micro_step_sync
+from .accumulation import MicroBatches, mean_loss_dict
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +62,9 @@ class SkipNonFiniteTrainer(SimpleTrainer):
         assert self.model.training, "[SkipNonFiniteTrainer] model was changed to eval mode!"
         k = self.accumulate_steps
         self.optimizer.zero_grad()
-        loss_dicts, data_time = [], 0.0
-        for micro in range(k):
-            start = time.perf_counter()
-            data = next(self._data_loader_iter)
-            self.batches_consumed += 1
-            data_time += time.perf_counter() - start
-            with micro_step_sync(self.model, last=micro == k - 1):
+        loss_dicts, steps = [], MicroBatches(self, k)
+        for micro, data, sync in steps:
+            with sync:
                 loss_dict = self.model(data)
                 if isinstance(loss_dict, torch.Tensor):
                     loss_dict = {"total_loss": loss_dict}
@@ -99,7 +94,7 @@ class SkipNonFiniteTrainer(SimpleTrainer):
             self._skip({"gradient norm": grad_norm.detach()}, ranks, kind="gradient")
             return
         self._nonfinite_in_a_row = 0
-        self._write_metrics(mean_loss_dict(loss_dicts), data_time)
+        self._write_metrics(mean_loss_dict(loss_dicts), steps.data_time)
         get_event_storage().put_scalar("nonfinite_steps", self.nonfinite_steps, smoothing_hint=False)
         self.optimizer.step()
 
