@@ -21,7 +21,7 @@ Merges (all class-wise: boxes of different classes never merge):
     fused box is its members' score-weighted mean, its score the members' mean score times
     min(#members, #views) / #views (a box found by few views counts less).
 """
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -61,6 +61,15 @@ def _sorted(boxes: Tensor, scores: Tensor, classes: Tensor, source: Tensor) -> M
 def _empty_like(boxes: Tensor, scores: Tensor, classes: Tensor) -> MergedDetections:
     none = torch.zeros(0, dtype=torch.long, device=boxes.device)
     return MergedDetections(boxes[none], scores[none], classes[none], none)
+
+
+def _concatenated(boxes: List[Tensor], scores: List[Tensor], classes: List[Tensor], source: List[Tensor],
+                  like) -> MergedDetections:
+    """The per-cluster pieces of a merge, joined and sorted best first (empty like ``like``, the
+    inputs (boxes, scores, classes), when there are none)."""
+    if not source:
+        return _empty_like(*like)
+    return _sorted(torch.cat(boxes), torch.cat(scores), torch.cat(classes), torch.cat(source))
 
 
 def _weighted_mean(boxes: Tensor, weights: Tensor) -> Tensor:
@@ -108,9 +117,7 @@ def soft_vote_merge(
             out_scores.append(kept_scores)
             out_classes.append(classes[kept_source])
             out_source.append(kept_source)
-    if not out_source:
-        return _empty_like(boxes, scores, classes)
-    return _sorted(torch.cat(out_boxes), torch.cat(out_scores), torch.cat(out_classes), torch.cat(out_source))
+    return _concatenated(out_boxes, out_scores, out_classes, out_source, like=(boxes, scores, classes))
 
 
 def wbf_merge(
@@ -146,9 +153,7 @@ def wbf_merge(
             out_scores.append((scores[cluster].mean() * weight)[None])
             out_classes.append(classes[cluster[:1]])
             out_source.append(torch.tensor(cluster[:1], dtype=torch.long, device=boxes.device))
-    if not out_source:
-        return _empty_like(boxes, scores, classes)
-    return _sorted(torch.cat(out_boxes), torch.cat(out_scores), torch.cat(out_classes), torch.cat(out_source))
+    return _concatenated(out_boxes, out_scores, out_classes, out_source, like=(boxes, scores, classes))
 
 
 def merge_detections(
