@@ -17,6 +17,7 @@ from detectron2.engine.hooks import EvalHook
 from diffusiondet.engine import CheckpointError, DiffusionDetCheckpointer, Trainer, argument_parser, load_model_weights
 from diffusiondet.engine import ema as ema_module
 from diffusiondet.engine.ema import ModelEMA, add_model_ema, named_tensors
+from tests.engine.test_exact_resume import _Interrupt
 from tests.utils import TINY_OPTS, tiny_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -164,15 +165,6 @@ def _train(cfg, resume=False, interrupt_after=None, extra_hooks=(), loss_hook=No
     except KeyboardInterrupt:
         pass
     return trainer
-
-
-class _Interrupt(HookBase):
-    def __init__(self, after_iter):
-        self.after_iter = after_iter
-
-    def after_step(self):
-        if self.trainer.iter == self.after_iter:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def _load(path):
