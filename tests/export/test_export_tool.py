@@ -9,13 +9,8 @@ import textwrap
 
 import onnx
 import pytest
-import torch
-from detectron2.modeling import build_model
 
-from tests.utils import TINY_OPTS, tiny_cfg
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = [*map(str, TINY_OPTS), "MODEL.DiffusionDet.NUM_CLASSES", "5"]  # the synthetic set's classes
+from tests.export.common import REPO, assert_tool_succeeded
 
 
 def _python(code, **kwargs):
@@ -51,30 +46,14 @@ def test_a_missing_onnxruntime_is_an_error_naming_the_extra(monkeypatch):
         export_onnx(None, "model.onnx")
 
 
-def test_export_tool_writes_the_graph_and_measures_ap_and_speed(tmp_path):
-    # Random weights of the tiny synthetic model, saved as a checkpoint the tool loads.
-    torch.manual_seed(0)
-    weights = tmp_path / "tiny.pth"
-    torch.save({"model": build_model(tiny_cfg("MODEL.DiffusionDet.NUM_CLASSES", 5)).state_dict()}, weights)
-    output = tmp_path / "tiny.onnx"
-    # The tiny config resizes the 160 x 160 synthetic images to 64 x 64: the canvas eager pads to.
-    args = [
-        "--config-file", "configs/diffdet.synthetic.res18.yaml", "--weights", weights,
-        "--steps", 1, "--boxes", 10, "--image-size", 60, 64, "--batch", 2, "--output", output,
-        "--evaluate", "onnx", "eager", "--max-images", 2, "--benchmark", "--repeats", 1,
-        "--threads", 1, *TINY,
-    ]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "tools/export_onnx.py", *map(str, args)], cwd=REPO, capture_output=True,
-        text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    meta = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
-    # --image-size 60 is rounded up to the FPN's multiple of 32.
+def test_export_tool_writes_the_graph_and_measures_ap_and_speed(tool_export):
+    assert_tool_succeeded(tool_export)  # the run itself is conftest's tool_export
+    meta = {p.key: p.value for p in onnx.load(str(tool_export.output)).metadata_props}
+    # --image-size 60 60 is rounded up to the FPN's multiple of 32; --steps / --boxes override.
     assert {k: meta[k] for k in ("batch", "height", "width", "steps", "num_boxes", "noise")} == {
         "batch": "2", "height": "64", "width": "64", "steps": "1", "num_boxes": "10", "noise": "input"
     }  # fmt: skip
-    with open(tmp_path / "tiny.json") as f:
+    with open(tool_export.report) as f:
         report = json.load(f)
     assert report["canvas"] == [64, 64] and report["threads"] == 1
     assert report["images_per_s_onnx"] > 0 and report["images_per_s_eager"] > 0

@@ -1,9 +1,9 @@
 """The exported detector (diffusiondet.export) run by onnxruntime gives the PyTorch model's
-detections: same images, same noise (seeded per image id), tiny random model.
+detections: same images, same noise (seeded per image id), tiny random models (tests.export.common).
 
-Two images of different non-square sizes share a batch on a 64 x 96 canvas, which is also the
-size eager inference pads that batch to (the backbone's GroupNorm sees the same padding), and
-their outputs are rescaled to other sizes, as detectron2's evaluation asks.
+Two images of different non-square sizes share a batch on a canvas that is also the size eager
+inference pads that batch to (GroupNorm backbones see the same padding), and their outputs are
+rescaled to other sizes, as detectron2's evaluation asks.
 """
 import onnx
 import onnxruntime
@@ -16,93 +16,56 @@ from diffusiondet.export import ExportableDetector, OnnxPredictor, class_nms_kee
 from diffusiondet.export.onnx_export import _nms_translation
 from diffusiondet.modeling.graph_sampler import batched_class_nms
 from diffusioninst.export import ExportableDiffusionInst, OnnxInstPredictor
-from tests.utils import random_input, tiny_cfg
+from tests.export.common import (
+    ONE_STAGE,
+    assert_same_detections,
+    assert_tool_succeeded,
+    eager,
+    inputs,
+    tiny_model,
+)
+from tests.utils import tiny_cfg
 
 CANVAS = (64, 96)
-# Scores are float32 sigmoids (ONNX and ATen kernels differ in rounding); boxes go through four
-# stages of an untrained head, which amplify rounding: measured 5e-7 and 5e-5 px.
-SCORE_ATOL, BOX_ATOL = 1e-5, 1e-3
 
 
-def inputs():
-    images = [random_input(64, 80, seed=0), random_input(48, 96, seed=1)]
-    images[0].update(height=128, width=150, image_id=3)  # rescaled 2x by detector_postprocess
-    images[1].update(image_id=11)
-    for x in images:
-        x.pop("instances")
-    return images
+def test_onnx_detections_equal_eager_1_step_frozen_bn_two_stages(tool_export):
+    # The graph tools/export_onnx.py wrote (conftest): 1 step, 10 boxes, two head stages, the
+    # COCO configs' folded frozen BN, a 64 x 64 canvas, the size eager pads these two images to.
+    assert_tool_succeeded(tool_export)
+    batch = inputs((64, 48), (40, 64))
+    got = OnnxPredictor(str(tool_export.output), threads=1)(batch)
+    assert_same_detections(got, eager(tool_export.model, batch))
 
 
-def tiny_model(*opts, config_file="configs/diffdet.synthetic.res18.yaml"):
-    cfg = tiny_cfg("MODEL.DiffusionDet.SAMPLING_MODE", "graph", "SEED", 7, *opts, config_file=config_file)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    # Small box refinements, as in a trained model: an untrained head grows boxes to several
-    # times the image and amplifies rounding ~20x per stage.
-    with torch.no_grad():
-        for stage in model.head.head_series:
-            stage.bboxes_delta.weight.mul_(0.05)
-            stage.bboxes_delta.bias.zero_()
-    return model
-
-
-def assert_same_detections(got, want):
-    for a, b in zip(got, want):
-        a, b = a["instances"], b["instances"]
-        assert a.image_size == b.image_size
-        assert len(a) == len(b) > 0
-        order_a, order_b = torch.argsort(a.scores), torch.argsort(b.scores)
-        assert torch.equal(a.pred_classes[order_a], b.pred_classes[order_b])
-        torch.testing.assert_close(a.scores[order_a], b.scores[order_b], rtol=0, atol=SCORE_ATOL)
-        torch.testing.assert_close(
-            a.pred_boxes.tensor[order_a], b.pred_boxes.tensor[order_b], rtol=1e-5, atol=BOX_ATOL
-        )
-        if b.has("pred_masks"):
-            assert (a.pred_masks[order_a] != b.pred_masks[order_b]).float().mean() < 1e-3
-
-
-@pytest.mark.parametrize(
-    "opts",
-    [
-        ("MODEL.DiffusionDet.SAMPLE_STEP", 1),
-        # "all_steps": with the official ensemble, 2 steps give the first call's detections alone;
-        # here both calls count, so the DDIM step and the renewal draws matter. And a cap.
-        ("MODEL.DiffusionDet.SAMPLE_STEP", 2, "MODEL.DiffusionDet.ENSEMBLE", "all_steps",
-         "MODEL.DiffusionDet.DETECTIONS_PER_IMAGE", 12),
-        # The COCO configs' backbone: frozen BatchNorm, folded into the convolutions at inference.
-        ("MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", 2, "MODEL.FPN.NORM", ""),
-    ],
-    ids=["1_step", "2_steps_all_ensembled_cap_12", "1_step_frozen_bn_folded"],
-)  # fmt: skip
-def test_onnx_detections_equal_eager_graph_mode(tmp_path, opts):
-    model = tiny_model(*opts)
-    path = str(tmp_path / "model.onnx")
-    export_onnx(ExportableDetector(model, 2, *CANVAS, noise="input"), path)
-    got = OnnxPredictor(path, threads=1)(inputs())
-    with torch.no_grad():
-        want = model(inputs())
-    assert_same_detections(got, want)
-    cap = model.sampler.detections_per_image
-    if cap:  # the cap is what limits these detections (before detector_postprocess drops empty boxes)
-        with torch.no_grad():
-            assert {len(r["instances"]) for r in model.inference(inputs(), do_postprocess=False)} == {cap}
-
-
-def test_onnx_masks_equal_eager_diffusioninst(tmp_path):
+def test_onnx_detections_and_masks_equal_eager_diffusioninst_2_steps_all_ensembled_cap(tmp_path):
+    # "all_steps": with the official ensemble, 2 steps give the first call's detections alone;
+    # here both calls count, so the DDIM step, the renewal draws and the noise order matter. And
+    # a cap; DiffusionInst, whose masks (mask_probs in the graph) are pasted on the host.
     model = tiny_model(
-        "MODEL.DiffusionDet.DETECTIONS_PER_IMAGE", 10, config_file="configs/diffinst.synthetic.res18.yaml"
-    )
+        "MODEL.DiffusionDet.SAMPLE_STEP", 2, "MODEL.DiffusionDet.ENSEMBLE", "all_steps",
+        "MODEL.DiffusionDet.DETECTIONS_PER_IMAGE", 12, *ONE_STAGE,
+        config_file="configs/diffinst.synthetic.res18.yaml",
+    )  # fmt: skip
     path = str(tmp_path / "inst.onnx")
     export_onnx(ExportableDiffusionInst(model, 2, *CANVAS), path)
     got = OnnxInstPredictor(path, threads=1)(inputs())
-    with torch.no_grad():
-        want = model(inputs())
+    want = eager(model, inputs())
     assert all(r["instances"].pred_masks.any() for r in want)  # masks to compare
     assert_same_detections(got, want)
+    # The cap is what limits these detections (before detector_postprocess drops empty boxes).
+    with torch.no_grad():
+        assert {len(r["instances"]) for r in model.inference(inputs(), do_postprocess=False)} == {12}
 
 
 def test_internal_noise_draws_in_the_graph_and_selects_like_the_sampler(tmp_path):
-    model = tiny_model("MODEL.DiffusionDet.SAMPLE_STEP", 2)
+    # 2 steps: x_T and the DDIM / renewal draws come from RandomNormal (the official ensemble
+    # skips the second head call, so the graph stays small). The noise is fresh at every run: with
+    # 20 boxes about half the runs suppressed nothing in one image; with 100, none of 1000 eager
+    # runs suppressed fewer than 9 per image.
+    model = tiny_model(
+        "MODEL.DiffusionDet.SAMPLE_STEP", 2, "MODEL.DiffusionDet.EVAL_NUM_PROPOSALS", 100, *ONE_STAGE
+    )
     path = str(tmp_path / "internal.onnx")
     module = ExportableDetector(model, 2, *CANVAS, noise="internal")
     export_onnx(module, path)
