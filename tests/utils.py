@@ -48,3 +48,13 @@ def random_input(height=64, width=80, num_boxes=3, num_classes=3, seed=0):
     inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
     inst.gt_classes = torch.randint(0, num_classes, (num_boxes,), generator=g)
     return {"image": image, "instances": inst, "height": height, "width": width}
+
+
+def damp_box_refinements(model, scale=0.05):
+    """Scale every head stage's box-delta layer down (in place), as in a trained model: an
+    untrained head grows boxes to several times the image and amplifies rounding ~20x per stage."""
+    with torch.no_grad():
+        for stage in model.head.head_series:
+            stage.bboxes_delta.weight.mul_(scale)
+            stage.bboxes_delta.bias.zero_()
+    return model

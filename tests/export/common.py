@@ -14,7 +14,7 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
-from tests.utils import tiny_cfg
+from tests.utils import damp_box_refinements, tiny_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Scores are float32 sigmoids (ONNX and ATen kernels differ in rounding); boxes go through the
@@ -45,12 +45,8 @@ def tiny_model(*opts, config_file="configs/diffdet.synthetic.res18.yaml"):
                    config_file=config_file)  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    damp_box_refinements(model)
     with torch.no_grad():
-        # Small box refinements, as in a trained model: an untrained head grows boxes to several
-        # times the image and amplifies rounding ~20x per stage.
-        for stage in model.head.head_series:
-            stage.bboxes_delta.weight.mul_(0.05)
-            stage.bboxes_delta.bias.zero_()
         # Frozen BN starts as the identity; statistics as after training make the folding (scale
         # into the weights, shift into a bias) change the numbers.
         for norm in model.modules():

@@ -9,7 +9,7 @@ import torch
 from detectron2.modeling import build_model
 
 from diffusiondet.diffusion import TorchRandom
-from tests.utils import random_input, tiny_cfg
+from tests.utils import damp_box_refinements, random_input, tiny_cfg
 
 pytestmark = pytest.mark.numerics
 
@@ -23,13 +23,7 @@ def run(mode, *opts, model=None, config_file="configs/diffdet.synthetic.res18.ya
             config_file=config_file,
         )  # fmt: skip
         torch.manual_seed(0)
-        model = build_model(cfg).eval()
-        # Small box refinements, as in a trained model: an untrained head grows boxes to
-        # several times the image and amplifies rounding ~20x per stage.
-        with torch.no_grad():
-            for stage in model.head.head_series:
-                stage.bboxes_delta.weight.mul_(0.05)
-                stage.bboxes_delta.bias.zero_()
+        model = damp_box_refinements(build_model(cfg).eval())
     rngs = [TorchRandom(generator=torch.Generator().manual_seed(b)) for b in range(len(INPUTS))]
     return model, model.inference(INPUTS, per_image_rng=rngs, do_postprocess=False)
 
