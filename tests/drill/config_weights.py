@@ -314,8 +314,8 @@ def _run_main_job_without_weights(workdir):
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     missing = os.path.join(workdir, "output", "model_final.pth")
-    opts = ["MODEL.DEVICE", "cpu", "DATASETS.TEST", "()"]
-    return expect_error(lambda: job.evaluate(CONFIG, opts, missing, 1, 10), names=[missing])
+    cfg = job.build_config(CONFIG, ["MODEL.DEVICE", "cpu", "DATASETS.TEST", "()"], steps=1, boxes=10)
+    return expect_error(lambda: job.evaluate(cfg, missing), names=[missing])
 
 
 def _boxes_beyond_memory_budget(workdir):
