@@ -5,6 +5,7 @@ no end-of-training evaluation.
 """
 import io
 import os
+import re
 import types
 
 import pytest
@@ -132,7 +133,9 @@ def test_main_job_training_shows_its_bar_and_skips_the_unused_final_evaluation(t
     assert not os.path.exists(tmp_path / "inference")  # no evaluation ran
     assert "2/2" in capsys.readouterr().err
     # A finished run only reports so: no second training, no bar.
-    assert main_job.train(cfg) == weights and "training" not in capsys.readouterr().err
+    # (Match the bar itself: in the full suite, stderr may also carry a "--- Logging error ---"
+    # report of another test's handler, whose traceback names this test, "training" included.)
+    assert main_job.train(cfg) == weights and not re.search(r"training: +\d+%", capsys.readouterr().err)
 
 
 def test_steps_and_boxes_reads_zero_boxes_as_the_training_proposals():
