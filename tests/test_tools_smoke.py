@@ -66,8 +66,11 @@ def test_run_main_job_trains_evaluates_and_writes_the_ap_table(tmp_path):
     stdout = _run(
         "run_main_job.py", "--config-file", CONFIG, "--output-dir", out, "--max-iter", max_iter,
         "--num-images", 6, 3, "--steps", *steps, "--boxes", *boxes, "--opts", *TINY,
+        "SOLVER.CHECKPOINT_PERIOD", 1,  # periodic files after iterations 0 and 1; 2 is the final
         cwd=tmp_path, env={"DETECTRON2_DATASETS": str(tmp_path / "datasets")},
     )  # fmt: skip
+    # The main job's config keeps two checkpoint files: the newest periodic one and the final.
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000001.pth", "model_final.pth"]
     # --num-images: the first 6 / 3 images of the synthetic set, generated under the given root.
     data = tmp_path / "datasets" / "synthetic_crowd_6_3" / "synthetic_crowd"
     for split, count in (("train", 6), ("val", 3)):
