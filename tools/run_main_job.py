@@ -37,8 +37,8 @@ import time
 
 from detectron2.utils.logger import setup_logger
 
-from diffusiondet.data.datasets import datasets_root, ensure_synthetic_crowd, register_synthetic_crowd
-from diffusiondet.tooling.main_job import evaluate, format_table, merge_seed_rows, train
+from diffusiondet.data.datasets import ensure_synthetic_crowd, register_synthetic_crowd
+from diffusiondet.tooling.main_job import data_selection, evaluate, format_table, merge_seed_rows, train
 from diffusiondet.tooling.main_job_figures import best_row, write_ap_figure, write_predictions_figure
 from diffusiondet.utils.progress import progress_bar
 from diffusionengine import build_config  # DiffusionDet, DiffusionInst and DiffusionEngine configs alike
@@ -61,18 +61,6 @@ def parse_args():
                         help="train once per SEED (in OUTPUT_DIR/seed_S) and print mean ± std over them")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return parser.parse_args()
-
-
-def data_selection(num_images):
-    """The synthetic data to use: (root, {name: (split, count)}, config overrides selecting it);
-    (None, None, []) for the built-in 600 / 100 images."""
-    if num_images is None:
-        return None, None, []
-    num_train, num_val = num_images
-    train, val = f"synthetic_crowd_train_{num_train}", f"synthetic_crowd_val_{num_val}"
-    splits = {train: ("train", num_train), val: ("val", num_val)}
-    root = os.path.join(datasets_root(), f"synthetic_crowd_{num_train}_{num_val}")
-    return root, splits, ["DATASETS.TRAIN", (train,), "DATASETS.TEST", (val,)]
 
 
 def run_one(args, opts, root, splits, uses_synthetic):

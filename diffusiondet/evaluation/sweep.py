@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Sequence
 
 from ..diffusion import TorchRandom, seeded_source
+from ..utils.progress import progress_bar
 
 __all__ = ["Combination", "combinations", "image_rng", "primary_metric", "run_sweep"]
 
@@ -77,14 +78,14 @@ def run_sweep(
         output_dir: where ``sweep_results.json`` lives.
         group_size: combinations evaluated per pass over the data (0 = all in one pass); smaller
             groups save results more often at the price of recomputing the backbone per group.
+        progress: a bar per pass (diffusiondet.utils.progress: on a terminal, or as
+            DIFFUSIONDET_PROGRESS says); False hides it.
 
     Returns:
         {combination key: {"steps", "boxes", "seed", "results", "seconds"}} for every finished
         combination (also those of earlier runs). ``seconds`` holds the backbone time of the pass
         (shared by its group) and the combination's own sampling time.
     """
-    from tqdm import tqdm  # detectron2 depends on it
-
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "sweep_results.json")
     done = {}
@@ -101,8 +102,8 @@ def run_sweep(
             for evaluator in evaluators.values():
                 evaluator.reset()
             backbone_s, sampling_s = 0.0, {c: 0.0 for c in group}
-            for inputs in tqdm(data_loader, desc=f"sweep {start + len(group)}/{len(pending)}",
-                               disable=not progress):  # fmt: skip
+            for inputs in progress_bar(data_loader, desc=f"sweep {start + len(group)}/{len(pending)}",
+                                       enabled=None if progress else False):  # fmt: skip
                 tick = time.perf_counter()
                 images, whwh, features = model.inference_features(inputs)
                 backbone_s += time.perf_counter() - tick

@@ -14,11 +14,12 @@ from typing import Dict, List, Sequence, Tuple
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 
+from ..data.datasets import datasets_root
 from ..engine import Trainer, load_model_weights
 from ..utils.progress import progress_bar
 
-__all__ = ["METRICS", "MainJobTrainer", "TrainingProgress", "evaluate", "format_table", "merge_seed_rows",
-           "steps_and_boxes", "train"]
+__all__ = ["METRICS", "MainJobTrainer", "TrainingProgress", "data_selection", "evaluate", "format_table",
+           "merge_seed_rows", "steps_and_boxes", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,20 @@ def evaluate(cfg, weights: str) -> Tuple[Dict, float]:
     if "segm" in results:
         row.update({"mask AP": results["segm"]["AP"], "mask AP50": results["segm"]["AP50"]})
     return row, elapsed
+
+
+def data_selection(num_images):
+    """The synthetic data to use: (root, {name: (split, count)}, config overrides selecting it);
+    (None, None, []) for the built-in 600 / 100 images. ``num_images`` = (TRAIN, VAL) selects the
+    first TRAIN / VAL images, generated under $DETECTRON2_DATASETS/synthetic_crowd_TRAIN_VAL and
+    registered as synthetic_crowd_{train_TRAIN,val_VAL}."""
+    if num_images is None:
+        return None, None, []
+    num_train, num_val = num_images
+    train, val = f"synthetic_crowd_train_{num_train}", f"synthetic_crowd_val_{num_val}"
+    splits = {train: ("train", num_train), val: ("val", num_val)}
+    root = os.path.join(datasets_root(), f"synthetic_crowd_{num_train}_{num_val}")
+    return root, splits, ["DATASETS.TRAIN", (train,), "DATASETS.TEST", (val,)]
 
 
 def steps_and_boxes(cfg) -> Tuple[int, int]:
