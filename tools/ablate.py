@@ -3,7 +3,7 @@
 job's model and a halved CPU recipe, each arm over several seeds, beside the paper's numbers.
 
     python tools/ablate.py --study 4a          # signal scale 0.1 / 1.0 / 2.0 / 3.0 (3 seeds)
-    python tools/ablate.py --study 4b          # GT padding: repeat / Gaussian / uniform / full (2 seeds)
+    python tools/ablate.py --study 4b          # GT padding: repeat / Gaussian / uniform / full (1 seed)
     python tools/ablate.py --study 4c          # DDIM x box renewal at 1 / 2 / 3 steps (one model)
     python tools/ablate.py --study 5           # training boxes 50 / 100 / 300 x evaluation boxes
     python tools/ablate.py --study 6           # 1 vs 2 steps, 1000 boxes, images/s (one model)
