@@ -138,7 +138,9 @@ _5 = Study(
 _6 = Study(
     "6", "Table 6: refinement stages × sampling steps, and 1000 boxes (one model, 4 stages)",
     arms=(Arm("4×1 (1 step, 300 boxes)", steps=1, boxes=300, paper={"AP": 45.8, "images/s": 30}, default=True),
-          Arm("4×2 (2 steps, 300 boxes)", steps=2, boxes=300, paper={"AP": 46.5, "images/s": 20}),
+          # As configs/ablations/table6_stages_steps/stages6.steps2.yaml: both steps' calls feed the ensemble.
+          Arm("4×2 (2 steps, 300 boxes)", evaluate=(_D + "ENSEMBLE", "all_steps"), steps=2, boxes=300,
+              paper={"AP": 46.5, "images/s": 20}),
           Arm("4×1, 1000 boxes", steps=1, boxes=1000, paper={"AP": 46.8, "images/s": 24})),
     columns=(Column("AP"), Column("AP50", "AP50"), Column("AP75", "AP75"), Column("images/s", "images/s")),
     seeds=1, sampling_seeds=3, single_model=True,
