@@ -31,6 +31,8 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     # COCO / LVIS evaluation backend (pycocotools is the fallback).
     "faster-coco-eval==1.8.0",
+    # SLURM jobs (tools/submit_slurm.py, diffusiondet/engine/slurm.py): submission, requeue.
+    "submitit==1.5.4",
 ]
 
 # The LVIS API, only for LVIS evaluation. An extra, not a requirement: its declared dependencies

