@@ -11,6 +11,8 @@ rank agrees on, with a checkpoint, and evaluation says what was lost (docs/relia
   each process would.
 * :func:`stop_signals_abort` turns the signal into :class:`EvaluationStopped` during a
   stand-alone evaluation, whose message says that its results are lost.
+* :func:`add_stop_signal`: a job launcher adds its own signal to the training's (a SLURM job
+  through submitit adds the preemption signal, on which it requeues: diffusiondet/engine/slurm.py).
 """
 import contextlib
 import logging
@@ -30,14 +32,29 @@ __all__ = [
     "STOP_SIGNALS",
     "StopOnSignal",
     "TrainingStopped",
+    "add_stop_signal",
     "forward_stop_signals",
     "stop_signals_abort",
+    "training_stop_signals",
 ]
 
 logger = logging.getLogger(__name__)
 
 # SIGTERM: SLURM (before SIGKILL at the time limit or on preemption), Kubernetes, systemd, `kill`.
 STOP_SIGNALS = (signal.SIGTERM,)
+_added = []  # add_stop_signal's, after STOP_SIGNALS
+
+
+def add_stop_signal(signum: int) -> None:
+    """Training in this process also stops on ``signum`` (a :class:`StopOnSignal` made later).
+    It ranks after the signals before it: when ranks got different ones, all stop on this one."""
+    if signum not in STOP_SIGNALS and signum not in _added:
+        _added.append(signum)
+
+
+def training_stop_signals() -> tuple:
+    """STOP_SIGNALS, then the signals of :func:`add_stop_signal`, in ascending precedence."""
+    return STOP_SIGNALS + tuple(_added)
 
 
 class TrainingStopped(SystemExit):
@@ -70,7 +87,8 @@ def _in_main_thread() -> bool:
 
 
 def _any_rank(local: int, device: torch.device) -> int:
-    """The largest signal number seen by any rank (0: none); every rank takes the same decision."""
+    """The largest value (here: signal precedence) of any rank (0: none); every rank takes the same
+    decision."""
     flag = torch.tensor([float(local)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
@@ -81,24 +99,33 @@ class StopOnSignal(HookBase):
 
     Register it on every rank (the agreement is a collective) before the evaluation hook: a
     stopping run does not start an evaluation. A signal during an evaluation inside training is
-    acted on when that evaluation has finished.
+    acted on when that evaluation has finished. ``signals`` (default: :func:`training_stop_signals`)
+    are in ascending precedence: the run stops on the last-listed one that any rank received.
     """
 
-    def __init__(self, checkpointer, signals=STOP_SIGNALS):
+    def __init__(self, checkpointer, signals=None):
         self.checkpointer = checkpointer
-        self.signals = tuple(signals)
+        self.signals = tuple(training_stop_signals() if signals is None else signals)
         self.received = 0
         self._previous = {}
+        self._pid = os.getpid()
+
+    def _precedence(self, signum: int) -> int:
+        return self.signals.index(signum) + 1 if signum else 0
 
     def _record(self, signum, frame):
+        if os.getpid() != self._pid:
+            return  # a loader worker forked with this handler: its rank acts on the signal
         if not self.received:
             logger.warning(
                 "%s received at iteration %d: training stops after this step with a checkpoint",
                 _signal_name(signum), self.trainer.iter,
             )
-        self.received = signum
+        if self._precedence(signum) >= self._precedence(self.received):
+            self.received = signum
 
     def before_train(self):
+        self._pid = os.getpid()
         if _in_main_thread():
             self._previous = {s: signal.signal(s, self._record) for s in self.signals}
 
@@ -116,7 +143,9 @@ class StopOnSignal(HookBase):
 
     def after_step(self):
         if comm.get_world_size() > 1:  # NCCL reduces on the GPU: the device of the weights
-            signum = _any_rank(self.received, next(self.trainer.model.parameters()).device)
+            device = next(self.trainer.model.parameters()).device
+            precedence = _any_rank(self._precedence(self.received), device)
+            signum = self.signals[precedence - 1] if precedence else 0
         else:
             signum = self.received
         iteration = self.trainer.iter
