@@ -23,7 +23,8 @@ from diffusiondet.evaluation.sweep import combinations, run_sweep
 from diffusiondet.evaluation.sweep_report import write_reports
 
 
-def parse_args(argv=None):
+def argument_parser():
+    """The command line (also read by tools/submit_slurm.py --sweep)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -38,7 +39,11 @@ def parse_args(argv=None):
                              ' default bbox/AP, or crowdhuman/AP50 on CrowdHuman')
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return argument_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
