@@ -105,6 +105,26 @@ def test_a_requeued_training_resumes_and_an_evaluation_or_sweep_starts_again():
         assert ToolJob(TRAIN_NET, argv, kind).checkpoint().function.argv == argv
 
 
+def test_the_sbatch_script_asks_for_one_task_per_gpu_and_the_signal_before_the_limit(tmp_path, monkeypatch):
+    # Stand-ins for SLURM's commands: submitit looks for srun, and submits with sbatch.
+    (tmp_path / "bin").mkdir()
+    for name, text in (("srun", "exit 0"), ("sbatch", "echo Submitted batch job 4242")):
+        (tmp_path / "bin" / name).write_text(f"#!/bin/sh\n{text}\n")
+        (tmp_path / "bin" / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    job = load_tool(SUBMIT).main(["--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--timeout", "4320",
+                                  "--account", "vision", "--qos", "high", "--config-file", "configs/diffdet.coco.res50.yaml",
+                                  "OUTPUT_DIR", str(tmp_path / "coco")])  # fmt: skip
+    assert job.job_id == "4242"
+    script = (tmp_path / "coco" / "submitit" / "4242_submission.sh").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--time=4320",
+                 "--account=vision", "--qos=high", f"--signal={submitit.JobEnvironment.USR_SIG}@90"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script, script
+    submitted = DelayedSubmission.load(tmp_path / "coco" / "submitit" / "4242_submitted.pkl").function
+    assert (submitted.tool, submitted.kind) == (TRAIN_NET, TRAIN)
+    assert submitted.argv == ["--config-file", "configs/diffdet.coco.res50.yaml", "OUTPUT_DIR", str(tmp_path / "coco")]
+
+
 class _SubmititHandler:
     """What submitit installs on its signals (job_environment.SignalHandler), recording calls."""
 
