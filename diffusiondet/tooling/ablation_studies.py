@@ -11,8 +11,8 @@ from typing import Dict, Optional, Sequence, Tuple
 __all__ = ["Arm", "Column", "MAIN_JOB_SEEDS", "RECIPE", "STUDIES", "Study", "get_study"]
 
 # The CPU recipe of a study's training: the main job's, halved (300 iterations, the learning-rate
-# step at 250 instead of 600 / 500), so that a 12-training study (Table 4a, 3 seeds) takes about
-# 45 minutes on 2 cores. Everything else is the main job's config.
+# step at 250 instead of 600 / 500), so that a 12-training study (Table 4a, 3 seeds) took 51
+# minutes on 2 cores (docs/ablations.md, Results). Everything else is the main job's config.
 RECIPE = ("SOLVER.MAX_ITER", 300, "SOLVER.STEPS", (250,))
 
 # Training seeds, the first k of them for a study of k seeds: the main job's SEED first, then the
