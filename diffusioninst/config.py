@@ -33,11 +33,21 @@ def add_diffusioninst_config(cfg):
     # with MASK_FEAT_CHANNELS this sets the filter length each proposal predicts
     # (official 8-8-1 on 8 channels: 153 values).
     m.MASK_HEAD_CHANNELS = (8, 8, 1)
+    # Append CondInst's 2 relative coordinates (offset from the instance's box centre, in box
+    # sizes) to the dynamic head's input. Off in the official implementation (its filters see
+    # only the features, so alike objects get alike masks); on in the synthetic CPU recipe.
+    # Changes the filter length, so official checkpoints need it off (docs/diffusioninst.md).
+    m.MASK_REL_COORDS = False
     # Normalisation of the mask branch convs: "BN" (official, plain BatchNorm), "SyncBN", "GN",
     # "" (none; the convs then get a bias, which changes the checkpoint layout).
     m.MASK_NORM = "BN"
     # Weight of the dice loss at every scored stage (official 5, applied inside its loss).
     m.MASK_WEIGHT = 5.0
+    # How a GT mask becomes a target on the mask grid: "center" samples each cell's centre
+    # pixel (official, 0/1); "area" takes the fraction of the cell the object covers, which
+    # keeps sub-cell boundaries (docs/diffusioninst.md: +12 mask AP of the stride-4 ceiling on
+    # the synthetic set).
+    m.MASK_TARGET = "center"
     # Smoothing term of the dice denominator.
     m.DICE_EPS = 1e-5
     # Mask probability above which a pixel belongs to the instance.
@@ -74,6 +84,14 @@ def validate_diffusioninst_config(cfg):
         (m.MASK_NUM_CONVS >= 0, "MODEL.DiffusionInst.MASK_NUM_CONVS must be >= 0"),
         (m.MASK_FEAT_CHANNELS >= 1, "MODEL.DiffusionInst.MASK_FEAT_CHANNELS must be >= 1"),
         (m.MASK_WEIGHT >= 0, f"MODEL.DiffusionInst.MASK_WEIGHT must be >= 0, got {m.MASK_WEIGHT}"),
+        (
+            isinstance(m.MASK_REL_COORDS, bool),
+            f"MODEL.DiffusionInst.MASK_REL_COORDS must be True or False, got {m.MASK_REL_COORDS!r}",
+        ),
+        (
+            m.MASK_TARGET in ("center", "area"),
+            f"MODEL.DiffusionInst.MASK_TARGET must be 'center' or 'area', got {m.MASK_TARGET!r}",
+        ),
         (m.DICE_EPS >= 0, f"MODEL.DiffusionInst.DICE_EPS must be >= 0, got {m.DICE_EPS}"),
         (
             0.0 < m.MASK_THRESHOLD < 1.0,

@@ -37,7 +37,10 @@ class ExportableDiffusionInst(ExportableDetector):
         kernels = selected["pred_kernels"].float()  # (B, K, P)
         batch, rows = kernels.shape[:2]
         image_index = torch.arange(batch, device=kernels.device).repeat_interleave(rows)
-        logits = dynamic_mask_logits(mask_feat, kernels.flatten(0, 1), image_index, head.mask_head_spec)
+        boxes = selected["boxes"].float().flatten(0, 1)  # (B·K, 4) input-pixel xyxy
+        logits = dynamic_mask_logits(
+            mask_feat, kernels.flatten(0, 1), image_index, head.mask_head_spec, boxes, head.mask_stride
+        )
         return {"mask_probs": logits.sigmoid().view(batch, rows, *logits.shape[1:])}
 
     def metadata(self) -> Dict[str, str]:

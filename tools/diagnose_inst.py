@@ -3,7 +3,8 @@
 question on stdout, JSON (and a PNG) in the output directory.
 
     python tools/diagnose_inst.py [--config-file configs/diffinst.synthetic.res18.yaml]
-        [--weights PTH] [--output-dir DIR] [--what oracle-masks loss-curves object-sizes]
+        [--weights PTH] [--output-dir DIR]
+        [--what oracle-masks loss-curves object-sizes stride-ceiling]
         [--num-images TRAIN VAL] [--oracle-t T ...] [--metrics-json JSON] [--opts KEY VALUE ...]
 
 * oracle-masks: COCO box and mask AP on DATASETS.TEST[0] when the model is given the GT boxes
@@ -14,7 +15,11 @@ question on stdout, JSON (and a PNG) in the output directory.
   logged iteration -> loss_curves.json, loss_curves.png;
 * object-sizes: GT object sizes of DATASETS.TEST[0] after the test resize, in pixels and in
   cells of the mask stride (the first MODEL.DiffusionInst.MASK_IN_FEATURES level) ->
-  object_sizes.json.
+  object_sizes.json;
+* stride-ceiling: COCO mask AP on DATASETS.TEST[0] of the GT masks sent through the mask
+  stride and pasted back (what a head predicting every target exactly would score), for
+  strides 1, 2, 4 and 8, with "center" and "area" targets (MODEL.DiffusionInst.MASK_TARGET;
+  diffusioninst/stride_ceiling.py) -> stride_ceiling.json.
 
 --weights defaults to OUTPUT_DIR/model_final.pth, --output-dir to OUTPUT_DIR/diagnostics;
 --num-images selects the first TRAIN / VAL synthetic images as tools/run_main_job.py does.
@@ -35,8 +40,9 @@ from diffusioninst.diagnostics import (
     oracle_box_mask_evaluation,
     write_loss_figure,
 )
+from diffusioninst.stride_ceiling import stride_ceiling_ap
 
-WHAT = ("oracle-masks", "loss-curves", "object-sizes")
+WHAT = ("oracle-masks", "loss-curves", "object-sizes", "stride-ceiling")
 
 
 def parse_args(argv=None):
@@ -105,6 +111,19 @@ def run_object_sizes(cfg, out_dir):
     return report
 
 
+def run_stride_ceiling(cfg):
+    reports = {mode: stride_ceiling_ap(cfg, cfg.DATASETS.TEST[0], mode=mode) for mode in ("center", "area")}
+    first = reports["center"]
+    print(f"\n### Mask AP of the GT masks through the mask stride ({first['num_objects']} objects of "
+          f"{first['dataset']}, GT boxes and classes, score 1; targets sampled at the cell centre or "
+          f"averaged over the cell)\n")
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    rows = [[s, mode] + [f"{ap[n]:.1f}" for n in names]
+            for mode, report in reports.items() for s, ap in report["by_stride"].items()]
+    print(_table(["stride", "targets", *names], rows))
+    return reports
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="detectron2", abbrev_name="d2")
@@ -131,6 +150,10 @@ def main(argv=None):
     if "object-sizes" in args.what:
         report = run_object_sizes(cfg, out_dir)
         with open(os.path.join(out_dir, "object_sizes.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    if "stride-ceiling" in args.what:
+        report = run_stride_ceiling(cfg)
+        with open(os.path.join(out_dir, "stride_ceiling.json"), "w") as f:
             json.dump(report, f, indent=2)
 
 

@@ -5,12 +5,15 @@ image), M instances, P parameters per instance (153 for the default 8→8→8→
 
 Parameter layout (the official implementation's): a P-vector holds all layer weights first, then
 all biases, in layer order. Each weight block is out-major (element ``o·in + i`` is output ``o``,
-input ``i``), i.e. the layout of a ``Conv2d(in, out, 1)`` weight flattened. No relative
-coordinates are appended to the input (CondInst appends two; the official implementation none), so
-the first layer's input width is just C.
+input ``i``), i.e. the layout of a ``Conv2d(in, out, 1)`` weight flattened. The official implementation
+appends no relative coordinates to the input (the first layer reads C channels), so a filter sees
+only the features' content and cannot tell two alike objects apart by where they are. With
+``rel_coords`` the two channels CondInst appends come first (C + 2 inputs): each pixel's offset
+from the instance's box centre in units of the box's width and height (docs/diffusioninst.md,
+"Why the masks were poor").
 """
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +27,13 @@ class DynamicMaskHeadSpec:
         in_channels: channels of the mask feature the head reads (8 in DiffusionInst).
         channels: output channels of each 1×1 conv layer in order; the last must be 1 (one logit
             map per instance). Default (8, 8, 1) gives the official 153-parameter head.
+        rel_coords: the first layer also reads the 2 box-relative coordinates (169 parameters
+            with the default widths); False is the official head.
     """
 
     in_channels: int = 8
     channels: Tuple[int, ...] = (8, 8, 1)
+    rel_coords: bool = False
 
     def __post_init__(self):
         if not isinstance(self.in_channels, int) or self.in_channels < 1:
@@ -49,8 +55,10 @@ class DynamicMaskHeadSpec:
 
     @property
     def layer_in_channels(self) -> List[int]:
-        """Input width of each layer: in_channels for the first, the previous output after."""
-        return [self.in_channels, *self.channels[:-1]]
+        """Input width of each layer: in_channels (+ 2 relative coordinates) for the first, the
+        previous output after."""
+        first = self.in_channels + (2 if self.rel_coords else 0)
+        return [first, *self.channels[:-1]]
 
     @property
     def weight_nums(self) -> List[int]:
@@ -99,11 +107,41 @@ def split_mask_params(
     return weights, biases
 
 
+def relative_coordinates(
+    boxes: torch.Tensor, height: int, width: int, stride: int
+) -> torch.Tensor:
+    """Each mask-feature pixel's offset from each box's centre, in box widths and heights.
+
+    Pixel (i, j) of the stride-s map sits at input pixel (s//2 + s·j, s//2 + s·i), the grid of
+    ``masks_at_stride``. Box sides are floored at s so that a degenerate box stays finite; the
+    boxes are detached (the filters learn to use the position, the boxes are not moved by it).
+
+    Args:
+        boxes: (M, 4) abs xyxy in input pixels.
+        height, width: the map's size h × w.
+        stride: s.
+
+    Returns:
+        (M, 2, h·w) (x, y) offsets; about -0.5 .. 0.5 inside the box.
+    """
+    boxes = boxes.detach()
+    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype) * stride + stride // 2
+    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype) * stride + stride // 2
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # (M, 2)
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=float(stride))  # (M, 2)
+    rel_x = (grid_x.reshape(1, -1) - centre[:, :1]) / size[:, :1]
+    rel_y = (grid_y.reshape(1, -1) - centre[:, 1:]) / size[:, 1:]
+    return torch.stack([rel_x, rel_y], dim=1)
+
+
 def dynamic_mask_logits(
     mask_feat: torch.Tensor,
     params: torch.Tensor,
     image_index: torch.Tensor,
     spec: DynamicMaskHeadSpec,
+    boxes: Optional[torch.Tensor] = None,
+    stride: Optional[int] = None,
 ) -> torch.Tensor:
     """Run every instance's own dynamic head on the mask feature of its image.
 
@@ -116,6 +154,9 @@ def dynamic_mask_logits(
         params: (M, P) parameter vectors, P == spec.num_params.
         image_index: (M,) long, the image (row of mask_feat) each instance belongs to.
         spec: layer widths.
+        boxes: (M, 4) abs xyxy input-pixel boxes of the instances; needed (only) when
+            ``spec.rel_coords``.
+        stride: the mask stride s of ``mask_feat``; needed with ``boxes``.
 
     Returns:
         (M, H, W) mask logits (no sigmoid), over the whole padded map of each instance's image.
@@ -141,6 +182,15 @@ def dynamic_mask_logits(
     # but the grouped-conv backward of oneDNN was measured 2.3x slower (M = 360, 40×40 map, 2
     # cores) and this is the hot spot of DiffusionInst training.
     x = mask_feat[image_index.long()].flatten(2)  # (M, C, H·W)
+    if spec.rel_coords:
+        if boxes is None or stride is None or boxes.shape != (num_inst, 4):
+            raise ValueError(
+                f"a head with relative coordinates needs (M, 4) = ({num_inst}, 4) boxes and the "
+                f"mask stride, got boxes {None if boxes is None else tuple(boxes.shape)} and "
+                f"stride {stride}"
+            )
+        rel = relative_coordinates(boxes.to(x.dtype), height, width, int(stride))
+        x = torch.cat([rel, x], dim=1)  # (M, 2 + C, H·W)
     for layer, (w, b) in enumerate(zip(weights, biases)):
         x = torch.baddbmm(b[:, :, None], w, x)  # (M, C_out, H·W)
         if layer < spec.num_layers - 1:

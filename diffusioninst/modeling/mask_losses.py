@@ -37,23 +37,35 @@ def dice_loss_per_mask(
     return 1 - numerator / denominator
 
 
+# How a GT mask becomes a target on the stride-s grid: "center" samples each cell's centre pixel
+# (official); "area" is the fraction of the cell the object covers.
+MASK_TARGET_MODES = ("center", "area")
+
+
 def masks_at_stride(
-    bitmasks: torch.Tensor, out_size: Tuple[int, int], stride: int
+    bitmasks: torch.Tensor, out_size: Tuple[int, int], stride: int, mode: str = "center"
 ) -> torch.Tensor:
     """Sub-sample full-resolution GT masks onto the stride-s grid of the padded image.
 
-    The masks are zero-padded right/bottom to (stride·h_s, stride·w_s), then pixel
-    (stride//2 + stride·i, stride//2 + stride·j) is taken for output (i, j): the pixel at the
-    centre of each stride×stride cell, matching :func:`aligned_bilinear`'s grid. No interpolation.
+    The masks are zero-padded right/bottom to (stride·h_s, stride·w_s). With ``mode="center"``
+    pixel (stride//2 + stride·i, stride//2 + stride·j) is taken for output (i, j): the pixel at
+    the centre of each stride×stride cell, matching :func:`aligned_bilinear`'s grid, no
+    interpolation (official). With ``mode="area"`` output (i, j) is the mean of that cell: a soft
+    target that keeps the sub-cell boundary, which the 0/1 centre sample loses (on the synthetic
+    set at stride 4 a head predicting every target exactly reaches 61 mask AP with area targets
+    and 50 with centre ones: docs/diffusioninst.md).
 
     Args:
         bitmasks: (G, H, W) bool / uint8 / float masks at the un-padded image size.
         out_size: (h_s, w_s), the mask-feature map size.
         stride: positive int, the mask-feature stride (4 in DiffusionInst).
+        mode: "center" or "area".
 
     Returns:
-        (G, h_s, w_s) float 0/1 targets.
+        (G, h_s, w_s) float targets, 0/1 for "center", in [0, 1] for "area".
     """
+    if mode not in MASK_TARGET_MODES:
+        raise ValueError(f"mode must be one of {MASK_TARGET_MODES}, got {mode!r}")
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive int, got {stride!r}")
     if bitmasks.dim() != 3:
@@ -69,6 +81,8 @@ def masks_at_stride(
     # float before padding: F.pad does not take bool.
     masks = bitmasks.float()
     masks = F.pad(masks, (0, padded_w - width, 0, padded_h - height), value=0.0)
+    if mode == "area":
+        return F.avg_pool2d(masks[:, None], stride)[:, 0]
     start = stride // 2
     sampled = masks[:, start::stride, start::stride]
     return (sampled > 0.5).float()

@@ -31,7 +31,9 @@ __all__ = ["DiffusionInst"]
 def mask_head_spec_from_config(cfg) -> DynamicMaskHeadSpec:
     m = cfg.MODEL.DiffusionInst
     return DynamicMaskHeadSpec(
-        in_channels=m.MASK_FEAT_CHANNELS, channels=tuple(m.MASK_HEAD_CHANNELS)
+        in_channels=m.MASK_FEAT_CHANNELS,
+        channels=tuple(m.MASK_HEAD_CHANNELS),
+        rel_coords=m.MASK_REL_COORDS,
     )
 
 
@@ -96,6 +98,7 @@ class DiffusionInst(DiffusionDet):
             mask_stride=head.mask_stride,
             mask_weight=m.MASK_WEIGHT,
             dice_eps=m.DICE_EPS,
+            mask_target=m.MASK_TARGET,
         )
 
     # ---------------------------------------------------------------- training
@@ -125,7 +128,8 @@ class DiffusionInst(DiffusionDet):
         kernels = det["pred_kernels"]  # (M, P)
         image_index = torch.zeros(kernels.shape[0], dtype=torch.long, device=kernels.device)
         logits = dynamic_mask_logits(
-            mask_feat[None].float(), kernels.float(), image_index, self.head.mask_head_spec
+            mask_feat[None].float(), kernels.float(), image_index, self.head.mask_head_spec,
+            det["boxes"].float(), self.head.mask_stride,
         )
         inst.pred_mask_probs = logits.sigmoid()
         return inst

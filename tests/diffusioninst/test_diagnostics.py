@@ -85,7 +85,7 @@ def rects(tmp_path_factory):
 
 
 def _constant_mask_logits(value):
-    def fake(mask_feat, params, image_index, spec):
+    def fake(mask_feat, params, image_index, spec, *placement):
         return torch.full((params.shape[0], *mask_feat.shape[-2:]), float(value))
 
     return fake
@@ -121,7 +121,7 @@ def test_oracle_runs_the_final_stage_filters_of_the_gt_boxes(rects, monkeypatch,
         calls.append((boxes.clone(), t.clone(), out["pred_kernels"].clone()))
         return out
 
-    def logits_spy(mask_feat, params, image_index, spec):
+    def logits_spy(mask_feat, params, image_index, spec, *placement):
         used.append(params.clone())
         return torch.zeros((params.shape[0], *mask_feat.shape[-2:]))
 
@@ -211,8 +211,46 @@ def test_diagnose_inst_tool_prints_tables_and_writes_files(rects, monkeypatch, t
     assert "| 999 | 100.0 | 100.0 |" in stdout
     assert "| box | 1 | 0.75 | 0.500 | 0.750 |" in stdout and "| mask | 1 | 0.25 | 0.500 | 0.250 |" in stdout
     assert "mask stride 4" in stdout
+    assert "| 1 | center | 100.0 | 100.0 | 100.0 |" in stdout  # the stride-ceiling table's stride-1 row
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
-        "loss_curves.json", "loss_curves.png", "object_sizes.json", "oracle_masks.json"]
+        "loss_curves.json", "loss_curves.png", "object_sizes.json", "oracle_masks.json", "stride_ceiling.json"]
     with open(out / "oracle_masks.json") as f:
         assert json.load(f)["by_timestep"]["999"]["segm"]["AP"] == pytest.approx(100.0)
 
+
+
+def test_stride_ceiling_round_trip_by_hand():
+    # A 7 x 10 rectangle at (1, 2) in a 12 x 16 image, no resize: stride 1 returns it exactly;
+    # at stride 4 both target modes give an approximation (different ones), clipped to the box.
+    from diffusioninst.stride_ceiling import round_trip_masks
+
+    masks = torch.zeros(1, 12, 16, dtype=torch.bool)
+    masks[0, 2:9, 1:11] = True
+    boxes = torch.tensor([[1.0, 2.0, 11.0, 9.0]])
+    exact = round_trip_masks(masks, boxes, (12, 16), 1)
+    assert torch.equal(exact, masks)
+    centre = round_trip_masks(masks, boxes, (12, 16), 4)
+    area = round_trip_masks(masks, boxes, (12, 16), 4, mode="area")
+    iou = lambda m: float((m & masks).sum() / (m | masks).sum())  # noqa: E731
+    assert 0.5 < iou(centre) < 1.0 and 0.5 < iou(area) < 1.0 and not torch.equal(centre, area)
+    assert not (area[0, :, 11:].any() or area[0, 9:].any())  # clipped to the box
+
+
+def test_stride_ceiling_ap_falls_with_the_stride(tmp_path):
+    # Without a test resize, stride 1 returns every GT mask exactly (AP 100); coarser grids
+    # lose small objects first; the test resize alone (x 0.8 and back) costs some AP.
+    from diffusioninst.stride_ceiling import stride_ceiling_ap
+
+    name = _register("ceiling_rects", tmp_path, [
+        (80, 120, [(5, 5, 7, 9, 0, None, 0), (20, 20, 30, 30, 1, None, 0), (60, 10, 50, 50, 2, [[60, 10, 110, 10, 60, 60]], 0)]),
+        (100, 150, [(5, 5, 13, 11, 0, None, 0), (50, 40, 50, 50, 1, None, 0)]),
+    ])  # fmt: skip
+    cfg = inst_cfg(name, "INPUT.MIN_SIZE_TEST", 0)
+    report = stride_ceiling_ap(cfg, name, strides=(1, 4, 8))
+    ap = {s: v["AP"] for s, v in report["by_stride"].items()}
+    assert report["num_objects"] == 5 and report["mode"] == "center"
+    assert ap["1"] == pytest.approx(100.0)
+    assert 100.0 > ap["4"] > ap["8"]
+    assert stride_ceiling_ap(inst_cfg(name), name, strides=(1,))["by_stride"]["1"]["AP"] < 100.0
+    area = stride_ceiling_ap(cfg, name, strides=(8,), mode="area")
+    assert area["by_stride"]["8"]["AP"] > ap["8"]

@@ -175,3 +175,58 @@ def test_equals_one_grouped_1x1_convolution():
         x = F.relu(x) if layer < spec.num_layers - 1 else x
     ours = dynamic_mask_logits(mask_feat, params, image_index, spec)
     torch.testing.assert_close(ours, x.reshape(9, 7, 11), atol=1e-5, rtol=1e-5)
+
+
+def test_relative_coordinates_by_hand():
+    from diffusioninst.modeling.dynamic_mask_head import relative_coordinates
+
+    # Box (8, 4)-(24, 28): centre (16, 16), size 16 x 24. Stride 4: pixel (i, j) sits at
+    # (x, y) = (2 + 4j, 2 + 4i). A degenerate box's sides are floored at the stride.
+    boxes = torch.tensor([[8.0, 4.0, 24.0, 28.0], [10.0, 10.0, 10.0, 11.0]])
+    rel = relative_coordinates(boxes, height=5, width=7, stride=4)  # (2, 2, 35)
+    assert rel.shape == (2, 2, 35)
+    rel = rel.reshape(2, 2, 5, 7)
+    # pixel (i=3, j=1) at (6, 14): ((6 - 16) / 16, (14 - 16) / 24)
+    torch.testing.assert_close(rel[0, :, 3, 1], torch.tensor([-10 / 16, -2 / 24]))
+    # pixel (i=0, j=6) at (26, 2): ((26 - 16) / 16, (2 - 16) / 24)
+    torch.testing.assert_close(rel[0, :, 0, 6], torch.tensor([10 / 16, -14 / 24]))
+    # centre (10, 10.5), size floored to (4, 4); pixel (i=2, j=2) at (10, 10)
+    torch.testing.assert_close(rel[1, :, 2, 2], torch.tensor([0.0, -0.5 / 4]))
+
+
+def test_relative_coordinates_tell_alike_instances_apart():
+    # Two instances with the same filter on the same image: without coordinates their masks
+    # are equal; with them each mask is the reference head run on [x_rel, y_rel, features].
+    spec = DynamicMaskHeadSpec(in_channels=8, channels=(8, 8, 1), rel_coords=True)
+    assert spec.num_params == 169 and spec.layer_in_channels == [10, 8, 8]
+    gen = torch.Generator().manual_seed(5)
+    mask_feat = torch.randn(2, 8, 6, 10, generator=gen, dtype=torch.float64)
+    params = torch.randn(1, 169, generator=gen, dtype=torch.float64).repeat(3, 1)
+    image_index = torch.tensor([1, 1, 0])
+    boxes = torch.tensor([[0.0, 0.0, 12.0, 8.0], [20.0, 8.0, 40.0, 24.0], [0.0, 0.0, 12.0, 8.0]],
+                         dtype=torch.float64)
+    got = dynamic_mask_logits(mask_feat, params, image_index, spec, boxes, 4)
+    assert (got[0] - got[1]).abs().max() > 1e-3
+    from diffusioninst.modeling.dynamic_mask_head import relative_coordinates
+
+    rel = relative_coordinates(boxes, 6, 10, 4).reshape(3, 2, 6, 10)
+    with_coords = torch.stack([torch.cat([rel[m], mask_feat[int(i)]]) for m, i in enumerate(image_index)])
+    want = torch.stack([
+        _reference_logits(with_coords[m:m + 1], params[m:m + 1], torch.tensor([0]), 10, (8, 8, 1))[0]
+        for m in range(3)
+    ])  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the boxes place the coordinates only: no gradient reaches them
+    boxes.requires_grad_(True)
+    params.requires_grad_(True)
+    dynamic_mask_logits(mask_feat, params, image_index, spec, boxes, 4).sum().backward()
+    assert boxes.grad is None and params.grad.abs().sum() > 0
+
+
+def test_relative_coordinates_need_boxes():
+    spec = DynamicMaskHeadSpec(rel_coords=True)
+    two = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="needs \\(M, 4\\) = \\(2, 4\\) boxes"):
+        dynamic_mask_logits(torch.randn(1, 8, 4, 4), torch.randn(2, 169), two, spec)
+    with pytest.raises(ValueError, match="boxes \\(1, 4\\)"):
+        dynamic_mask_logits(torch.randn(1, 8, 4, 4), torch.randn(2, 169), two, spec, torch.zeros(1, 4), 4)

@@ -66,6 +66,22 @@ def test_masks_at_stride_samples_cell_centres():
     assert torch.equal(out, want)
 
 
+def test_masks_at_stride_area_targets_by_hand():
+    # Same 10×13 mask padded to 12×16, stride 4: each output is the mean of its 4×4 cell.
+    mask = torch.zeros(1, 10, 13, dtype=torch.bool)
+    mask[0, 0:4, 0:4] = True  # cell (0, 0) full
+    mask[0, 4:6, 8:12] = True  # half of cell (1, 2)
+    mask[0, 9, 12] = True  # 1 of the 16 pixels of cell (2, 3), 15 of them padding
+    out = masks_at_stride(mask, (3, 4), 4, mode="area")
+    want = torch.zeros(1, 3, 4)
+    want[0, 0, 0], want[0, 1, 2], want[0, 2, 3] = 1.0, 0.5, 1 / 16
+    torch.testing.assert_close(out, want)
+    # the centre sample of the same mask sees only the full cell
+    assert masks_at_stride(mask, (3, 4), 4).sum() == 1
+    with pytest.raises(ValueError, match="mode must be one of"):
+        masks_at_stride(mask, (3, 4), 4, mode="bilinear")
+
+
 def test_masks_at_stride_full_mask_and_padding():
     full = torch.ones(2, 10, 13, dtype=torch.uint8)
     out = masks_at_stride(full, (3, 4), 4)

@@ -201,6 +201,8 @@ def test_evaluation_tasks_follow_mask_on(tmp_path):
         (["MODEL.DiffusionInst.MASK_HEAD_CHANNELS", (8, 2)], "last value of 1"),
         (["MODEL.DiffusionInst.MASK_THRESHOLD", 1.0], "MASK_THRESHOLD"),
         (["MODEL.DiffusionInst.MASK_NORM", "LN"], "MASK_NORM"),
+        (["MODEL.DiffusionInst.MASK_REL_COORDS", 1], "MASK_REL_COORDS"),
+        (["MODEL.DiffusionInst.MASK_TARGET", "bilinear"], "MASK_TARGET must be 'center' or 'area'"),
         (
             ["MODEL.DiffusionInst.MASK_NORM", "GN", "MODEL.DiffusionInst.MASK_BRANCH_CHANNELS", 48],
             "MASK_BRANCH_CHANNELS must be a multiple of 32 with MASK_NORM 'GN', got 48",
