@@ -112,9 +112,9 @@ INST_ROWS = [
              state_shape("head.mask_refine.0.0.weight"), [(32, 32, 3, 3), (64, 32, 3, 3)]),
     inst_row("MASK_NUM_CONVS", "tower convs in the state dict", [2, 1, 0], tower_convs, [2, 1, 0]),
     inst_row("MASK_FEAT_CHANNELS", "mask feature channels, filter length", [8, 4],
-             feat_channels_and_filter_length, [(8, 153), (4, 121)]),
+             feat_channels_and_filter_length, [(8, 169), (4, 137)]),  # with the 2 relative coordinates
     inst_row("MASK_HEAD_CHANNELS", "filter length (controller width)", [(8, 8, 1), (4, 1)],
-             state_shape("head.head_series.0.controller.weight"), [(153, 32), (41, 32)]),
+             state_shape("head.head_series.0.controller.weight"), [(169, 32), (49, 32)]),
     inst_row("MASK_REL_COORDS", "filter length (controller width)", [False, True],
              state_shape("head.head_series.0.controller.weight"), [(153, 32), (169, 32)]),
     inst_row("MASK_NORM", "state-dict entries of a refine block", ["GN", "BN", ""],

@@ -101,7 +101,8 @@ def test_masks_belong_to_their_detections_through_ensemble_nms_and_cap(model):
     images, _, features = model.inference_features([inp])
     mask_feat = model.head.per_image_outputs(features)["mask_feat"]
     probs = dynamic_mask_logits(
-        mask_feat, det["pred_kernels"], torch.zeros(7, dtype=torch.long), model.head.mask_head_spec
+        mask_feat, det["pred_kernels"], torch.zeros(7, dtype=torch.long), model.head.mask_head_spec,
+        det["boxes"], 4,
     ).sigmoid()
     want = masks_to_image(probs, 4, (64, 80), (64, 80), out.pred_boxes.tensor)
     assert out.pred_masks.shape == (7, 64, 80) and torch.equal(out.pred_masks, want)
@@ -230,6 +231,8 @@ def test_every_mask_key_reaches_the_model():
             "MODEL.DiffusionInst.DICE_EPS", 0.5,
             "MODEL.DiffusionInst.MASK_THRESHOLD", 0.3,
             "MODEL.DiffusionInst.CLIP_MASKS_TO_BOXES", False,
+            "MODEL.DiffusionInst.MASK_REL_COORDS", False,
+            "MODEL.DiffusionInst.MASK_TARGET", "area",
         )  # fmt: skip
     )
     head = changed.head
@@ -242,5 +245,8 @@ def test_every_mask_key_reaches_the_model():
     crit = changed.criterion
     assert crit.weight_dict["loss_masks"] == 2.5 and crit.dice_eps == 0.5 and crit.mask_stride == 8
     assert changed.mask_threshold == 0.3 and changed.clip_masks_to_boxes is False
+    assert crit.mask_target == "area" and base.criterion.mask_target == "center"
+    # the main job's config appends the 2 relative coordinates: (10·8 + 8·8 + 8·1) + 17 = 169
+    assert base.head.mask_head_spec.rel_coords and base.head.head_series[0].controller.out_features == 169
     out = _infer(changed, [random_input(64, 96, seed=1)], [2])[0]["instances"]
     assert out.pred_masks.shape[1:] == (64, 96)
