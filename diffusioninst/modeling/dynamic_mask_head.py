@@ -181,7 +181,11 @@ def dynamic_mask_logits(
     # the (C_in × H·W) pixels: one batched matmul. Same result (tests compare with F.conv2d),
     # but the grouped-conv backward of oneDNN was measured 2.3x slower (M = 360, 40×40 map, 2
     # cores) and this is the hot spot of DiffusionInst training.
-    x = mask_feat[image_index.long()].flatten(2)  # (M, C, H·W)
+    # index_select, not mask_feat[image_index]: the backward of advanced indexing (index_put_
+    # with accumulate) adds the M instances' gradients into the B maps in a thread-dependent
+    # order on CPU, so two identical trainings drifted apart; index_select's backward
+    # (index_add_) adds them in order (docs/reproducibility.md).
+    x = torch.index_select(mask_feat, 0, image_index.long()).flatten(2)  # (M, C, H·W)
     if spec.rel_coords:
         if boxes is None or stride is None or boxes.shape != (num_inst, 4):
             raise ValueError(

@@ -230,3 +230,21 @@ def test_relative_coordinates_need_boxes():
         dynamic_mask_logits(torch.randn(1, 8, 4, 4), torch.randn(2, 169), two, spec)
     with pytest.raises(ValueError, match="boxes \\(1, 4\\)"):
         dynamic_mask_logits(torch.randn(1, 8, 4, 4), torch.randn(2, 169), two, spec, torch.zeros(1, 4), 4)
+
+
+def test_mask_feature_gradient_is_the_same_every_time():
+    # Many instances share each image's mask feature: their gradients are summed into it. The
+    # sum must run in the same order every time (advanced indexing's backward did not on CPU,
+    # and two identical DiffusionInst trainings drifted apart), so that training is bit-exact.
+    spec = DynamicMaskHeadSpec()
+    gen = torch.Generator().manual_seed(11)
+    mask_feat = torch.randn(4, 8, 40, 48, generator=gen, requires_grad=True)
+    image_index = torch.randint(0, 4, (400,), generator=gen)
+    params = torch.randn(400, spec.num_params, generator=gen)
+    upstream = torch.randn(400, 40, 48, generator=gen)
+    grads = []
+    for _ in range(8):
+        mask_feat.grad = None
+        dynamic_mask_logits(mask_feat, params, image_index, spec).backward(upstream)
+        grads.append(mask_feat.grad.clone())
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
