@@ -9,8 +9,7 @@ input ``i``), i.e. the layout of a ``Conv2d(in, out, 1)`` weight flattened. The 
 appends no relative coordinates to the input (the first layer reads C channels), so a filter sees
 only the features' content and cannot tell two alike objects apart by where they are. With
 ``rel_coords`` the two channels CondInst appends come first (C + 2 inputs): each pixel's offset
-from the instance's box centre in units of the box's width and height (docs/diffusioninst.md,
-"Why the masks were poor").
+from the instance's box centre in units of the box's width and height (docs/diffusioninst_recipe.md).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Tuple

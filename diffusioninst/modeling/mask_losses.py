@@ -53,7 +53,8 @@ def masks_at_stride(
     interpolation (official). With ``mode="area"`` output (i, j) is the mean of that cell: a soft
     target that keeps the sub-cell boundary, which the 0/1 centre sample loses (on the synthetic
     set at stride 4 a head predicting every target exactly reaches 61 mask AP with area targets
-    and 50 with centre ones: docs/diffusioninst.md).
+    and 50 with centre ones, yet the main job trained on them scored lower:
+    docs/diffusioninst_recipe.md).
 
     Args:
         bitmasks: (G, H, W) bool / uint8 / float masks at the un-padded image size.
